@@ -1,0 +1,5 @@
+"""torchgram: Gramians of Jacobians as a ``torch.func`` transform."""
+
+from torchgram import weightings
+
+__all__ = ["weightings"]

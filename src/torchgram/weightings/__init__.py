@@ -1,0 +1,3 @@
+"""Weightings: plain functions from a Gramian to the weights of the Jacobian's rows."""
+
+__all__: list[str] = []
