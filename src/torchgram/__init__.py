@@ -1,5 +1,12 @@
-"""torchgram: Gramians of Jacobians as a ``torch.func`` transform."""
+"""torchgram: Gramians of Jacobians as a ``torch.func`` transform.
+
+``gramian(fn, params, *args, batch_dim=0)`` returns ``J Jᵀ`` for the Jacobian ``J`` of fn's output
+with respect to ``params``, without forming per-sample gradients; ``torchgram.weightings`` turns a
+Gramian into the weights of Jacobian descent.
+"""
 
 from torchgram import weightings
+from torchgram._shapes import flatten
+from torchgram._transform import gramian, gramian_of
 
-__all__ = ["weightings"]
+__all__ = ["flatten", "gramian", "gramian_of", "weightings"]

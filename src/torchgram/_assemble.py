@@ -1,0 +1,111 @@
+"""Factors of all uses -> the ``[K*B, K*B]`` Gramian, leaf by leaf, with exact cross terms.
+
+The gradient of one leaf is the sum of its uses' gradients, each on a region of the leaf (the
+whole leaf, or a view such as one chunk of a packed projection). For each leaf:
+
+1. factors on the same region are summed: linear factors by joining their tokens (the ghost form
+   then holds all cross terms), others by materialising;
+2. regions that never share an element contribute the sum of their own Gramians;
+3. otherwise every region is materialised into the leaf and the Gramian is taken there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from torchgram._factors import Dense, Factor, Linear, dense_gramian
+
+Tensor = torch.Tensor
+
+
+def gramian_of_factors(
+    contributions: Sequence[tuple[int, Factor]], leaves: Sequence[Tensor], rows: int
+) -> Tensor:
+    """Sum over leaves of the Gramian of each leaf's total per-row gradient.
+
+    Args:
+        contributions: ``(leaf position, factor)`` for every parameter argument of every use.
+        leaves: The flattened parameter leaves.
+        rows: ``K * B``.
+
+    Returns:
+        ``[rows, rows]``.
+    """
+    by_leaf: dict[int, list[Factor]] = {}
+    for leaf, factor in contributions:
+        by_leaf.setdefault(leaf, []).append(factor)
+    total: Tensor | None = None
+    for leaf, factors in by_leaf.items():
+        part = _leaf_gramian(factors, leaves[leaf].shape)
+        total = part if total is None else total + part
+    if total is None:
+        reference = leaves[0]
+        return reference.new_zeros(rows, rows)
+    return total
+
+
+def _leaf_gramian(factors: list[Factor], shape: torch.Size) -> Tensor:
+    regions = _group_by_region(factors, shape)
+    if len(regions) == 1 and regions[0][0] is None:
+        return _region_sum(regions[0][1]).gramian()
+    numel = shape.numel()
+    indices = [_index(index, shape) for index, _ in regions]
+    counts = torch.bincount(torch.cat([index.reshape(-1) for index in indices]), minlength=numel)
+    summed = [_region_sum(group) for _, group in regions]
+    if int(counts.max()) <= 1:  # regions are disjoint and none repeats an element
+        return sum((factor.gramian() for factor in summed[1:]), summed[0].gramian())
+    flat = [_scatter(factor.materialise(), index, numel) for factor, index in zip(summed, indices)]
+    return dense_gramian(sum(flat[1:], flat[0]))
+
+
+def _index(index: Tensor | None, shape: torch.Size) -> Tensor:
+    return torch.arange(shape.numel()).view(shape) if index is None else index
+
+
+def _same(a: Tensor | None, b: Tensor | None, shape: torch.Size) -> bool:
+    if a is None and b is None:
+        return True
+    a, b = _index(a, shape), _index(b, shape)
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _group_by_region(
+    factors: list[Factor], shape: torch.Size
+) -> list[tuple[Tensor | None, list[Factor]]]:
+    regions: list[tuple[Tensor | None, list[Factor]]] = []
+    for factor in factors:
+        for index, group in regions:
+            if _same(factor.index, index, shape):
+                group.append(factor)
+                break
+            if factor.index is not None and factor.index.dim() == 2:
+                if _same(factor.index.T, index, shape):
+                    group.append(factor.transposed(_index(index, shape)))
+                    break
+        else:
+            regions.append((factor.index, [factor]))
+    return regions
+
+
+def _region_sum(group: list[Factor]) -> Factor:
+    """One factor whose gradients are the sum of the group's (all on the same region)."""
+    if len(group) == 1:
+        return group[0]
+    index = group[0].index
+    if all(isinstance(factor, Linear) for factor in group):
+        linear = [factor for factor in group if isinstance(factor, Linear)]
+        A = torch.cat([factor.A for factor in linear], dim=1)
+        D = torch.cat([factor.D for factor in linear], dim=2)
+        return Linear(index, A, D)
+    grads = [factor.materialise() for factor in group]
+    return Dense(index, sum(grads[1:], grads[0]))
+
+
+def _scatter(g: Tensor, index: Tensor, numel: int) -> Tensor:
+    """Per-row gradients on a region ``[K, B, *region]`` -> on the whole leaf ``[K, B, numel]``."""
+    K, B = g.shape[:2]
+    flat = g.reshape(K * B, -1)
+    out = flat.new_zeros(K * B, numel).index_add(1, index.reshape(-1).to(g.device), flat)
+    return out.view(K, B, numel)

@@ -1,0 +1,160 @@
+"""Pytree handling at the boundary: flatten ``params`` and the data arguments once, check them.
+
+Inside, everything works on flat tuples: the parameter leaves, and the tensor leaves of the other
+positional arguments with the dimension (or None) where each holds its samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+import torch
+
+Tensor = torch.Tensor
+InDims = int | None | Sequence[Any]
+
+
+def normalize_argnums(argnums: int | tuple[int, ...], caller: str) -> tuple[int, ...]:
+    """``argnums`` as a tuple of non-negative ints (negative ones are resolved later)."""
+    numbers = (argnums,) if isinstance(argnums, int) else argnums
+    if (
+        not isinstance(numbers, tuple)
+        or not numbers
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
+    ):
+        raise TypeError(
+            f"{caller}: argnums must be an int or a non-empty tuple of ints (the positions of the "
+            f"parameter arguments), got {argnums!r}."
+        )
+    return numbers
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The positional arguments of one call, split into parameters and data.
+
+    Attributes:
+        args: All positional arguments.
+        argnums: Positions of the parameter arguments (non-negative).
+        params: Flattened parameter leaves.
+        data: Flattened leaves of the other arguments, in order.
+        dims: For each data leaf, the dimension of its samples, or None.
+    """
+
+    args: tuple[Any, ...]
+    argnums: tuple[int, ...]
+    params: tuple[Tensor, ...]
+    params_spec: Any
+    data: tuple[Any, ...]
+    data_spec: Any
+    dims: tuple[int | None, ...]
+
+    def call(self, fn: Callable[..., Any], data: Sequence[Any]) -> Any:
+        """``fn`` on the original parameters and the given data leaves."""
+        others = optree.tree_unflatten(self.data_spec, list(data))
+        args: list[Any] = []
+        rest = iter(others)
+        for position in range(len(self.args)):
+            args.append(self.args[position] if position in self.argnums else next(rest))
+        return fn(*args)
+
+    def batched(self) -> list[int]:
+        """Positions of the data leaves that hold samples."""
+        return [i for i, dim in enumerate(self.dims) if dim is not None]
+
+
+def split_inputs(
+    args: tuple[Any, ...], argnums: tuple[int, ...], in_dims: InDims, caller: str
+) -> Inputs:
+    """Split ``args`` into parameters and data, and give each data leaf its sample dimension."""
+    count = len(args)
+    resolved = []
+    for n in argnums:
+        if not -count <= n < count:
+            raise ValueError(
+                f"{caller}: argnums={n} but fn was called with {count} positional argument(s). "
+                "Pass the parameters as a positional argument at that position."
+            )
+        resolved.append(n % count)
+    argnums = tuple(resolved)
+    params_tree = args[argnums[0]] if len(argnums) == 1 else tuple(args[n] for n in argnums)
+    params, params_spec = _flatten_params(params_tree, caller)
+    entries = _in_dims_entries(in_dims, count, caller)
+    others = tuple(args[i] for i in range(count) if i not in argnums)
+    data, data_spec = optree.tree_flatten(others, none_is_leaf=True)
+    dims: list[int | None] = []
+    for position, (arg, entry) in enumerate(
+        (args[i], entries[i]) for i in range(count) if i not in argnums
+    ):
+        dims.extend(_leaf_dims(arg, entry, position, caller))
+    return Inputs(args, argnums, params, params_spec, tuple(data), data_spec, tuple(dims))
+
+
+def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
+    paths = optree.tree_paths(tree, none_is_leaf=True)
+    if not leaves:
+        raise ValueError(
+            f"{caller}: params has no leaves, so there is nothing to differentiate. Pass the "
+            "parameters as a pytree of tensors, e.g. dict(model.named_parameters())."
+        )
+    for path, leaf in zip(paths, leaves, strict=True):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(
+                f"{caller}: every leaf of params must be a tensor, but the leaf at {path} is a "
+                f"{type(leaf).__name__}. Pass constants through the other arguments or a closure."
+            )
+        if not (leaf.is_floating_point() or leaf.is_complex()):
+            raise TypeError(
+                f"{caller}: the leaf of params at {path} has dtype {leaf.dtype}; only "
+                "floating-point tensors have gradients. Leave integer tensors out of params."
+            )
+    return tuple(leaves), spec
+
+
+def _in_dims_entries(in_dims: InDims, count: int, caller: str) -> list[Any]:
+    if in_dims is None or isinstance(in_dims, int):
+        return [in_dims] * count
+    if not isinstance(in_dims, (tuple, list)):
+        raise TypeError(
+            f"{caller}: in_dims must be an int, None, or a tuple with one entry per positional "
+            f"argument of fn, got {type(in_dims).__name__}."
+        )
+    if len(in_dims) != count:
+        raise ValueError(
+            f"{caller}: in_dims has {len(in_dims)} entries but fn was called with {count} "
+            "positional arguments. Give one entry per argument (the entry of the parameters is "
+            "ignored), or a single int for all."
+        )
+    return list(in_dims)
+
+
+def _leaf_dims(arg: Any, entry: Any, position: int, caller: str) -> list[int | None]:
+    leaves = optree.tree_leaves(arg, none_is_leaf=True)
+    if entry is None or isinstance(entry, int):
+        entries: list[Any] = [entry] * len(leaves)
+    else:
+        try:
+            entries = optree.tree_broadcast_prefix(entry, arg, none_is_leaf=True)
+            entries = optree.tree_leaves(entries, none_is_leaf=True)
+        except ValueError as error:
+            raise ValueError(
+                f"{caller}: the in_dims entry of data argument {position} does not match its "
+                f"structure ({error}). Give an int, None, or a pytree prefix of the argument."
+            ) from None
+    dims: list[int | None] = []
+    for leaf, dim in zip(leaves, entries, strict=True):
+        if not isinstance(leaf, Tensor) or dim is None:
+            dims.append(None)
+            continue
+        if not -leaf.dim() <= dim < leaf.dim():
+            raise ValueError(
+                f"{caller}: in_dims puts the samples of data argument {position} at dim {dim}, "
+                f"but that tensor has shape {list(leaf.shape)}. Use a dimension in "
+                f"[{-leaf.dim()}, {leaf.dim() - 1}], or None for an argument without samples."
+            )
+        dims.append(dim % leaf.dim())
+    return dims

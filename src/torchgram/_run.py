@@ -1,0 +1,323 @@
+"""Run ``fn`` under the tape and pull back one-hot cotangents to the output of every use.
+
+Two runs of ``fn``:
+
+1. a probe that only learns the shapes of the tapped outputs (with ``batch_dim``, on the first
+   two samples only, and it doubles as the check that samples are independent);
+2. the real run, under ``torch.func.vjp`` with respect to zero taps added to those outputs (with
+   ``batch_dim``, under ``torch.func.vmap`` over the samples, each call seeing a batch of one).
+
+The vjp is then applied to one one-hot cotangent per non-batch output element (vmapped), which
+gives the cotangents ``[K, B, ...]`` of every use's output. Parameter gradients are never formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+import torch
+from torch.func import vjp, vmap
+
+from torchgram._assemble import gramian_of_factors
+from torchgram._pytree import Inputs
+from torchgram._rules import use_factors
+from torchgram._shapes import generalize
+from torchgram._tape import Tape, Use
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Linearised:
+    """What one run leaves behind: the output, and every use with its inputs and cotangents.
+
+    Attributes:
+        out: fn's output ``S``.
+        aux: fn's auxiliary output (None without has_aux).
+        uses: The recorded uses.
+        records: The data inputs of the uses, each ``[B, ...]``.
+        cotangents: For each tapped output, ``[K, B, ...]``.
+        params: The flattened parameter leaves.
+        batch_dim: Where the samples lie in ``out``, or None (then ``B = 1``).
+    """
+
+    out: Tensor
+    aux: Any
+    uses: list[Use]
+    records: list[Tensor]
+    cotangents: list[Tensor]
+    params: tuple[Tensor, ...]
+    batch_dim: int | None
+
+    def gramian(self) -> Tensor:
+        """The generalized Gramian ``S + S[::-1]``."""
+        contributions = []
+        for use in self.uses:
+            cotangents = self.cotangents[use.first_tap : use.first_tap + len(use.tapped)]
+            contributions.extend(use_factors(use, self.records, cotangents))
+        batch = 1 if self.batch_dim is None else self.out.shape[self.batch_dim]
+        rows = self.out.numel() // batch * batch
+        flat = gramian_of_factors(contributions, self.params, rows)
+        return generalize(flat, self.out.shape, self.batch_dim)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of a transform, checked once."""
+
+    batch_dim: int | None
+    has_aux: bool
+    check_samples: bool
+    caller: str
+
+
+def linearise(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
+    """Run ``fn`` on ``inputs`` under the tape; see the module docstring."""
+    if options.batch_dim is None:
+        return _linearise_whole(fn, inputs, options)
+    return _linearise_per_sample(fn, inputs, options)
+
+
+def _split(result: Any, options: Options) -> tuple[Tensor, Any]:
+    caller = options.caller
+    if options.has_aux:
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise TypeError(
+                f"{caller}: has_aux=True but fn returned a {type(result).__name__}, not a pair. "
+                "Return (output, aux), or set has_aux=False."
+            )
+        out, aux = result
+    else:
+        out, aux = result, None
+    if not isinstance(out, Tensor):
+        hint = (
+            " If fn returns (output, aux), set has_aux=True." if isinstance(result, tuple) else ""
+        )
+        raise TypeError(
+            f"{caller}: fn must return a tensor (the output whose Jacobian's Gramian is "
+            f"computed), but it returned a {type(out).__name__}.{hint}"
+        )
+    if not (out.is_floating_point() or out.is_complex()):
+        raise TypeError(
+            f"{caller}: fn's output has dtype {out.dtype}; it must be floating-point to have "
+            "gradients."
+        )
+    return out, aux
+
+
+class _Aux:
+    """Carries aux across ``vjp`` (which takes only tensors): the structure stays here."""
+
+    def __init__(self) -> None:
+        self._spec: Any = None
+        self._leaves: list[Any] = []
+
+    def pack(self, aux: Any) -> tuple[Tensor, ...]:
+        self._leaves, self._spec = optree.tree_flatten(aux, none_is_leaf=True)
+        return tuple(x for x in self._leaves if isinstance(x, Tensor))
+
+    def unpack(self, tensors: tuple[Tensor, ...]) -> Any:
+        given = iter(tensors)
+        leaves = [next(given) if isinstance(x, Tensor) else x for x in self._leaves]
+        return optree.tree_unflatten(self._spec, leaves)
+
+
+def _vjp(
+    run: Callable[[tuple[Tensor, ...]], tuple[Tensor, Any]], taps: tuple[Tensor, ...]
+) -> tuple[tuple[Tensor, Any], Callable[..., Any] | None]:
+    """``vjp`` with respect to the taps; without taps (no parameter used) just the run."""
+    if not taps:
+        return run(taps), None
+    out, pullback, aux = vjp(run, taps, has_aux=True)
+    return (out, aux), pullback
+
+
+def _pull_back(pullback: Callable[..., Any], out: Tensor, per_sample: torch.Size) -> list[Tensor]:
+    """Cotangents ``[K, B, ...]`` of every tap, for the K one-hot rows of each sample."""
+    rows = per_sample.numel()
+    if rows == 1:
+        (cotangents,) = pullback(torch.ones_like(out))
+        return [c.unsqueeze(0) for c in cotangents]
+    eye = torch.eye(rows, dtype=out.dtype, device=out.device).reshape(rows, *per_sample)
+    (cotangents,) = vmap(pullback)(eye.expand(rows, *out.shape))
+    return list(cotangents)
+
+
+def _zero_taps(shapes: list[tuple[torch.Size, torch.dtype, torch.device]], batch: int | None):
+    lead = () if batch is None else (batch,)
+    return tuple(
+        torch.zeros(*lead, *shape, dtype=dtype, device=device) for shape, dtype, device in shapes
+    )
+
+
+def _linearise_whole(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
+    probe = Tape(inputs.params, None, options.caller, per_sample=False)
+    with torch.no_grad(), probe:
+        _split(inputs.call(fn, inputs.data), options)
+    taps = _zero_taps(probe.tap_shapes, None)
+    tape = Tape(inputs.params, taps, options.caller, per_sample=False)
+    box = _Aux()
+
+    def run(taps: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+        tape.taps = taps
+        with tape:
+            out, aux = _split(inputs.call(fn, inputs.data), options)
+        return out, (tuple(tape.records), box.pack(aux))
+
+    (out, (records, aux)), pullback = _vjp(run, taps)
+    aux = box.unpack(aux)
+    cotangents = _pull_back(pullback, out, out.shape) if taps else []
+    return Linearised(
+        out,
+        aux,
+        tape.uses,
+        [r.unsqueeze(0) for r in records],
+        [c.unsqueeze(1) for c in cotangents],
+        inputs.params,
+        None,
+    )
+
+
+def _batch_size(inputs: Inputs, options: Options) -> int:
+    caller = options.caller
+    batched = inputs.batched()
+    if not batched:
+        raise ValueError(
+            f"{caller}: batch_dim={options.batch_dim} but no argument of fn holds samples "
+            "(in_dims marks none as batched). If fn reads its data from a closure, pass the data "
+            "as an argument of fn instead, so that its samples can be separated; or use "
+            "batch_dim=None."
+        )
+    sizes = {i: inputs.data[i].shape[inputs.dims[i]] for i in batched}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(
+            f"data leaf {i} has {size} at dim {inputs.dims[i]}" for i, size in sizes.items()
+        )
+        raise ValueError(
+            f"{caller}: in_dims points at dimensions of different sizes ({listed}). All batched "
+            "arguments must hold the same number of samples; fix in_dims (None for an argument "
+            "without samples)."
+        )
+    return next(iter(sizes.values()))
+
+
+def _check_output(per_sample: torch.Size, options: Options) -> int:
+    """The batch dimension of the per-sample output, checked (it must keep its batch of one)."""
+    b = options.batch_dim
+    assert b is not None
+    rank = len(per_sample)
+    if not -rank <= b < rank:
+        raise ValueError(
+            f"{options.caller}: batch_dim={b} is out of range for fn's output of shape "
+            f"{list(per_sample)} (given one sample). Set batch_dim to the output dimension that "
+            "indexes samples, or None."
+        )
+    b %= rank
+    if per_sample[b] != 1:
+        raise ValueError(
+            f"{options.caller}: given a batch of one sample, fn returned shape {list(per_sample)}, "
+            f"with size {per_sample[b]} at batch_dim={b}. batch_dim must be the output dimension "
+            "that indexes samples (size 1 for one sample); check batch_dim and in_dims."
+        )
+    return b
+
+
+def _merge(stacked: Tensor, b: int) -> Tensor:
+    """``[B, *S1]`` with ``S1[b] == 1`` -> ``S1`` with B at ``b``."""
+    return stacked.movedim(0, b).squeeze(b + 1)
+
+
+def _vmapped(
+    fn: Callable[..., Any], inputs: Inputs, options: Options, tape: Tape
+) -> Callable[[list[Any], tuple[Tensor, ...] | None], tuple[Tensor, tuple[Tensor, ...], Any, int]]:
+    """fn over the samples, each call seeing a batch of one, under ``tape``.
+
+    The returned function gives ``(out, records, aux, batch_dim)``: out ``S``, the records
+    ``[B, ...]``, aux with its tensors stacked on the samples, and the non-negative batch_dim.
+    """
+    dims = list(inputs.dims)
+    aux_parts: list[Any] = []
+
+    def per_sample(taps: tuple[Tensor, ...] | None, data: list[Any]) -> Any:
+        tape.taps = taps
+        with tape:
+            out, aux = _split(inputs.call(fn, data), options)
+        leaves, spec = optree.tree_flatten(aux, none_is_leaf=True)
+        aux_parts[:] = [spec, leaves]
+        return out, tuple(tape.records), tuple(x for x in leaves if isinstance(x, Tensor))
+
+    def run(data: list[Any], taps: tuple[Tensor, ...] | None):
+        one = [x if d is None else x.unsqueeze(d + 1) for x, d in zip(data, dims, strict=True)]
+        in_dims = (None if taps is None else 0, dims)
+        out, records, aux_tensors = vmap(per_sample, in_dims, randomness="different")(taps, one)
+        b = _check_output(out.shape[1:], options)
+        spec, leaves = aux_parts
+        stacked = iter(
+            _merge(x, b) if x.dim() > b + 1 and x.shape[b + 1] == 1 else x for x in aux_tensors
+        )
+        leaves = [next(stacked) if isinstance(x, Tensor) else x for x in leaves]
+        return _merge(out, b), records, optree.tree_unflatten(spec, leaves), b
+
+    return run
+
+
+def _under_vmap() -> bool:
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return any("Vmap" in str(i.key()) for i in retrieve_all_functorch_interpreters())
+
+
+def _check_samples(
+    fn: Callable[..., Any], inputs: Inputs, data: list[Any], per_sample: Tensor, options: Options
+) -> None:
+    """Compare fn run sample by sample with fn run on the same samples as one batch."""
+    batched, _ = _split(inputs.call(fn, data), options)
+    if batched.shape == per_sample.shape:
+        scale = batched.abs().max().clamp(min=1)
+        tolerance = torch.finfo(batched.dtype).eps ** 0.5
+        difference = (batched - per_sample).abs().max()
+        if bool(difference <= tolerance * scale):
+            return
+        what = f"outputs differ by up to {float(difference):.3g}"
+    else:
+        what = f"shapes differ: {list(batched.shape)} on the batch, {list(per_sample.shape)}"
+    raise ValueError(
+        f"{options.caller}: fn does not treat samples independently: on the first two samples, "
+        f"fn run sample by sample and fn run on them as one batch disagree ({what}). batch_dim "
+        "promises that sample i of the output depends only on sample i of the inputs; an op "
+        "that mixes samples (batch statistics, a mean or softmax over the batch, ...) breaks it. "
+        "Remove the mixing, or use batch_dim=None (exact for any fn), or pass "
+        "check_samples=False if the difference is expected (e.g. non-deterministic ops)."
+    )
+
+
+def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
+    batch = _batch_size(inputs, options)
+    n = min(batch, 2)
+    probe_data = [x if d is None else x.narrow(d, 0, n) for x, d in zip(inputs.data, inputs.dims)]
+    probe = Tape(inputs.params, None, options.caller, per_sample=True)
+    with torch.no_grad():
+        out, _, _, b = _vmapped(fn, inputs, options, probe)(probe_data, None)
+    if options.check_samples and n == 2 and not probe.random and not _under_vmap():
+        with torch.no_grad():
+            _check_samples(fn, inputs, probe_data, out, options)
+    taps = _zero_taps(probe.tap_shapes, batch)
+    tape = Tape(inputs.params, taps, options.caller, per_sample=True)
+    run = _vmapped(fn, inputs, options, tape)
+
+    box = _Aux()
+
+    def differentiable(taps: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+        out, records, aux, _ = run(list(inputs.data), taps)
+        return out, (records, box.pack(aux))
+
+    (out, (records, aux)), pullback = _vjp(differentiable, taps)
+    aux = box.unpack(aux)
+    per_sample = torch.Size(out.shape[:b] + (1,) + out.shape[b + 1 :])
+    cotangents = _pull_back(pullback, out, per_sample) if taps else []
+    return Linearised(out, aux, tape.uses, list(records), cotangents, inputs.params, b)

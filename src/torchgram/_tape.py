@@ -1,0 +1,279 @@
+"""The tape: a record of every use of a parameter while ``fn`` runs.
+
+A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
+
+- follows views of the parameter leaves (``chunk``, slices, transposes, ...), remembering for each
+  view which elements of its leaf it holds (an index tensor, so that any rearrangement is exact);
+- steps inside composite ``torch.nn.functional`` functions (multi-head attention, ...) so that the
+  primitive ops they are made of are what gets recorded;
+- records every other op that consumes a parameter or a view of one as a :class:`Use`: the op, its
+  non-parameter inputs (returned from the run so that they outlive ``vmap``), and the shapes of its
+  floating-point outputs;
+- adds a zero "tap" to each such output (second run), so that one reverse pass with respect to the
+  taps yields the output cotangent of every use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FunctionType
+from typing import Any
+
+import optree
+import torch
+from torch.overrides import TorchFunctionMode
+
+from torchgram._rnn import RNN_OPS, run_recurrent
+
+Tensor = torch.Tensor
+
+# Ops whose output elements are each one element of the input (views, copies, rearrangements).
+# Applied to an index tensor they tell which leaf elements a view holds.
+_VIEW_OPS = frozenset(
+    {
+        "t", "T", "mT", "transpose", "permute", "reshape", "view", "chunk", "split",
+        "split_with_sizes", "tensor_split", "unbind", "narrow", "select", "squeeze", "unsqueeze",
+        "flatten", "unflatten", "movedim", "moveaxis", "swapaxes", "swapdims", "contiguous",
+        "expand", "__getitem__", "repeat", "clone", "view_as", "reshape_as", "expand_as",
+    }
+)  # fmt: skip
+_AS_OPS = {"view_as": "view", "reshape_as": "reshape", "expand_as": "expand"}
+_DROPOUTS = frozenset(
+    {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
+)
+_RANDOM_OPS = frozenset(
+    {"bernoulli", "rand_like", "randn_like", "randint_like", "normal", "multinomial", "rand"}
+    | {"randn", "randint", "randperm", "native_dropout", "uniform_", "normal_", "bernoulli_"}
+)
+_DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """The name of a torch function as the tape sees it (``T`` for the ``Tensor.T`` getter)."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """A parameter leaf or a view of one, as one argument of a use.
+
+    Attributes:
+        leaf: Position of the leaf among the flattened parameters.
+        tensor: The view itself (the leaf when ``index`` is None).
+        index: Flat positions in the leaf of the view's elements, shaped like the view, on the CPU;
+            None for the whole leaf in its own layout.
+    """
+
+    leaf: int
+    tensor: Tensor
+    index: Tensor | None
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """A non-parameter tensor argument of a use: its position among the tape's records."""
+
+    record: int
+
+
+@dataclass
+class Use:
+    """One call of a torch function that consumed parameters.
+
+    Attributes:
+        func: The function called.
+        spec: Tree structure of ``(args, kwargs)``.
+        leaves: Flattened ``(args, kwargs)``: constants stay, parameter slots hold a ParamView,
+            non-parameter tensors a DataRef.
+        data: Leaf positions that hold a DataRef.
+        params: Leaf positions that hold a ParamView.
+        out_spec: Tree structure of the output.
+        tapped: Output leaf positions that are floating-point tensors (and received a tap).
+        first_tap: Position of this use's first tap among all taps.
+    """
+
+    func: Callable[..., Any]
+    spec: Any
+    leaves: list[Any]
+    data: list[int]
+    params: list[int]
+    out_spec: Any
+    tapped: list[int]
+    first_tap: int
+
+    @property
+    def name(self) -> str:
+        return op_name(self.func)
+
+    def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of the call, with ParamView and DataRef in place of tensors."""
+        return optree.tree_unflatten(self.spec, self.leaves)
+
+    def call(self, params: Sequence[Tensor], data: Sequence[Tensor]) -> Any:
+        """Run the op again with new parameter views and data (in the order of the slots)."""
+        leaves = list(self.leaves)
+        for slot, value in zip(self.params, params, strict=True):
+            leaves[slot] = value
+        for slot, value in zip(self.data, data, strict=True):
+            leaves[slot] = value
+        args, kwargs = optree.tree_unflatten(self.spec, leaves)
+        return self.func(*args, **kwargs)
+
+
+class CrossSampleOpError(ValueError):
+    """fn called an op that mixes the samples of a batch while ``batch_dim`` was set."""
+
+
+def _never(*args: Any, **kwargs: Any) -> bool:
+    return False
+
+
+def _without_dispatch(func: FunctionType) -> FunctionType:
+    """A copy of ``func`` that skips its ``__torch_function__`` dispatch, so that its body runs."""
+    scope = dict(func.__globals__)
+    for name in _DISPATCH_CHECKS:
+        scope[name] = _never
+    body = FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    body.__kwdefaults__ = func.__kwdefaults__
+    return body
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+class Tape(TorchFunctionMode):
+    """Records the uses of ``params`` while active; see the module docstring.
+
+    Args:
+        params: The flattened parameter leaves.
+        taps: None for a first run (shapes only), else one zero tensor per tapped output, in order.
+        caller: How to name the public call in error messages.
+        per_sample: Whether ``fn`` runs on one sample (``batch_dim`` set): ops that mix samples are
+            refused then.
+    """
+
+    def __init__(
+        self, params: Sequence[Tensor], taps: Sequence[Tensor] | None, caller: str, per_sample: bool
+    ) -> None:
+        super().__init__()
+        self.taps = taps
+        self.caller = caller
+        self.per_sample = per_sample
+        self.uses: list[Use] = []
+        self.records: list[Tensor] = []
+        self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+        self.random = False
+        self._views: dict[int, ParamView] = {}
+        for position, leaf in enumerate(params):
+            self._views[id(leaf)] = ParamView(position, leaf, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = op_name(func)
+        self._check_op(name, args, kwargs)
+        if name in RNN_OPS and not kwargs:
+            with self:
+                return run_recurrent(name, args, self.caller)
+        leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in self._views]
+        if not slots:
+            return func(*args, **kwargs)
+        if name in _VIEW_OPS and self._only_tensor(leaves, slots, name):
+            return self._follow_view(func, name, leaves, spec, slots[0])
+        if isinstance(func, FunctionType) and any(
+            check in func.__code__.co_names for check in _DISPATCH_CHECKS
+        ):
+            with self:
+                return _without_dispatch(func)(*args, **kwargs)
+        return self._record(func, leaves, spec, slots, func(*args, **kwargs))
+
+    def _check_op(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        if name in _DROPOUTS:
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get(
+                "training", kwargs.get("train", args[2] if len(args) > 2 else True)
+            )
+            self.random |= bool(training) and float(p) > 0
+        elif name in _RANDOM_OPS:
+            self.random = True
+        elif self.per_sample and name == "batch_norm":
+            training = kwargs.get("training", args[5] if len(args) > 5 else False)
+            if training:
+                raise CrossSampleOpError(
+                    f"{self.caller}: fn calls batch_norm in training mode, which normalises each "
+                    "sample with statistics of the whole batch, so a sample's output depends on "
+                    "the other samples and batch_dim's promise does not hold. Call model.eval() "
+                    "to use running statistics, replace BatchNorm with GroupNorm or LayerNorm, or "
+                    "pass batch_dim=None."
+                )
+
+    def _only_tensor(self, leaves: list[Any], slots: list[int], name: str) -> bool:
+        """Whether a view op's only tensor input is the one parameter view it reads."""
+        tensors = [i for i, v in enumerate(leaves) if isinstance(v, Tensor)]
+        if name in _AS_OPS:
+            return len(slots) == 1 and tensors[0] == slots[0]
+        return tensors == slots[:1] == slots
+
+    def _follow_view(
+        self, func: Callable[..., Any], name: str, leaves: list[Any], spec: Any, slot: int
+    ) -> Any:
+        source = self._views[id(leaves[slot])]
+        args, kwargs = optree.tree_unflatten(spec, leaves)
+        out = func(*args, **kwargs)
+        index = source.index
+        if index is None:
+            index = torch.arange(source.tensor.numel()).view(source.tensor.shape)
+        index_leaves = list(leaves)
+        index_leaves[slot] = index
+        if name in _AS_OPS:  # the other tensor only gives a shape
+            other = next(v for i, v in enumerate(leaves) if isinstance(v, Tensor) and i != slot)
+            index_out = getattr(index, _AS_OPS[name])(*other.shape)
+        else:
+            index_args, index_kwargs = optree.tree_unflatten(spec, index_leaves)
+            index_out = func(*index_args, **index_kwargs)
+        outs = optree.tree_leaves(out)
+        index_outs = optree.tree_leaves(index_out)
+        for view, view_index in zip(outs, index_outs, strict=True):
+            if isinstance(view, Tensor):
+                self._views[id(view)] = ParamView(source.leaf, view, view_index)
+        return out
+
+    def _record(
+        self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int], out: Any
+    ) -> Any:
+        out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=True)
+        tapped = [i for i, v in enumerate(out_leaves) if _is_float_tensor(v)]
+        if not tapped:  # no differentiable output (sizes, masks, ...): nothing flows back
+            return out
+        stored: list[Any] = list(leaves)
+        data: list[int] = []
+        for i, value in enumerate(leaves):
+            if i in slots:
+                stored[i] = self._views[id(value)]
+            elif isinstance(value, Tensor):
+                data.append(i)
+                stored[i] = DataRef(len(self.records))
+                self.records.append(value)
+        use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
+        self.uses.append(use)
+        for i in tapped:
+            out_leaves[i] = self._tap(out_leaves[i])
+        return optree.tree_unflatten(out_spec, out_leaves)
+
+    def _tap(self, value: Tensor) -> Tensor:
+        position = len(self.tap_shapes)
+        self.tap_shapes.append((value.shape, value.dtype, value.device))
+        if self.taps is None:
+            return value
+        if position >= len(self.taps) or self.taps[position].shape != value.shape:
+            raise RuntimeError(
+                f"{self.caller}: fn used its parameters differently in two runs on the same "
+                "inputs (different ops or shapes). fn must be deterministic in which ops it "
+                "applies to the parameters."
+            )
+        return value + self.taps[position]

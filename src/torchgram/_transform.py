@@ -1,0 +1,139 @@
+"""The public transforms: ``gramian_of`` and ``gramian``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchgram._pytree import InDims, normalize_argnums, split_inputs
+from torchgram._run import Options, linearise
+
+Tensor = torch.Tensor
+
+
+def _options(
+    fn: Callable[..., Any], caller: str, batch_dim: Any, has_aux: Any, check_samples: Any
+) -> Options:
+    if not callable(fn):
+        raise TypeError(f"{caller}: fn must be callable, got {type(fn).__name__}.")
+    if batch_dim is not None and (not isinstance(batch_dim, int) or isinstance(batch_dim, bool)):
+        raise TypeError(
+            f"{caller}: batch_dim must be an int (the output dimension that indexes samples) or "
+            f"None, got {batch_dim!r}."
+        )
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"{caller}: has_aux must be a bool, got {has_aux!r}.")
+    return Options(batch_dim, has_aux, bool(check_samples), caller)
+
+
+def gramian_of(
+    fn: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    batch_dim: int | None = None,
+    in_dims: InDims = 0,
+    has_aux: bool = False,
+    check_samples: bool = True,
+) -> Callable[..., Any]:
+    """Transform ``fn`` into a function that returns the Gramian of its Jacobian.
+
+    For ``out = fn(*args)`` of shape ``S`` and the parameters ``args[argnums]`` (any pytree of
+    floating-point tensors), the returned function gives the generalized Gramian of shape
+    ``S + S[::-1]``::
+
+        G[s, reversed(s')] = <d out[s] / d params, d out[s'] / d params>
+
+    so a ``[B]`` output gives ``[B, B]``, ``[B, K]`` gives ``[B, K, K, B]`` and a 0-D output a 0-D
+    Gramian (the squared gradient norm). :func:`torchgram.flatten` turns it into ``[m, m]``.
+
+    The Gramian is computed without forming per-sample gradients: ``fn`` runs under a tape of
+    parameter uses, one reverse pass gives the output cotangents of every use, and per-op rules
+    (ghost norms for linear maps, a generic per-op rule otherwise) sum into the Gramian.
+
+    Args:
+        fn: ``fn(*args) -> out`` (``-> (out, aux)`` with ``has_aux``). Every leaf of the
+            parameters is a variable; everything else fn uses is a constant.
+        argnums: Position (or positions) of the parameter arguments.
+        batch_dim: The output dimension that indexes independent samples, or None. It is a
+            promise that sample ``i`` of the output depends only on sample ``i`` of the batched
+            inputs; the result is the full Gramian either way, ``batch_dim`` only makes it
+            cheaper. fn then runs under ``torch.func.vmap`` and sees a batch of one sample.
+        in_dims: Where the samples lie in fn's positional arguments, with ``torch.func.vmap``'s
+            convention: an int for every tensor of every argument, or a tuple with one entry per
+            positional argument (an int, None for an argument without samples, or a pytree
+            prefix of the argument); the entry of the parameters is ignored.
+        has_aux: fn returns ``(out, aux)``; aux is returned last. With ``batch_dim``, aux tensors
+            come back stacked on the samples (at ``batch_dim`` when fn keeps a batch of one
+            there, else on a new leading dimension).
+        check_samples: With ``batch_dim``, check on the first two samples that fn run sample by
+            sample equals fn run on them as a batch, and raise if not (ops that mix samples
+            would otherwise give a wrong Gramian). Skipped when fn uses randomness or runs
+            under an outer ``vmap``.
+
+    Returns:
+        A function with fn's positional arguments returning the Gramian (and aux).
+
+    Example:
+        >>> import torch, torchgram
+        >>> def losses(w, x, y):
+        ...     return (x @ w - y) ** 2                     # [B]
+        >>> w, x, y = torch.randn(3), torch.randn(5, 3), torch.randn(5)
+        >>> G = torchgram.gramian_of(losses, batch_dim=0)(w, x, y)
+        >>> G.shape
+        torch.Size([5, 5])
+        >>> J = torch.func.jacrev(losses)(w, x, y)          # [B, 3]
+        >>> torch.allclose(G, J @ J.T, atol=1e-4)
+        True
+    """
+    caller = f"gramian_of(fn, batch_dim={batch_dim})"
+    options = _options(fn, caller, batch_dim, has_aux, check_samples)
+    numbers = normalize_argnums(argnums, caller)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        inputs = split_inputs(args, numbers, in_dims, caller)
+        run = linearise(fn, inputs, options)
+        G = run.gramian()
+        return (G, run.aux) if has_aux else G
+
+    return wrapper
+
+
+def gramian(
+    fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    batch_dim: int | None = None,
+    in_dims: InDims = 0,
+    has_aux: bool = False,
+    check_samples: bool = True,
+) -> Any:
+    """The Gramian of the Jacobian of ``fn(params, *args)`` with respect to ``params``.
+
+    Eager form of :func:`gramian_of` (``gramian_of(fn, argnums=0, ...)(params, *args)``), like
+    ``torch.func.vjp`` is to ``torch.func.grad``. See :func:`gramian_of` for the arguments.
+
+    Returns:
+        The generalized Gramian ``S + S[::-1]`` of the output of shape ``S`` (and aux).
+
+    Example:
+        >>> import torch, torchgram
+        >>> model = torch.nn.Linear(4, 1)
+        >>> params = dict(model.named_parameters())
+        >>> def losses(params, x):
+        ...     return torch.func.functional_call(model, params, (x,)).squeeze(-1)
+        >>> torchgram.gramian(losses, params, torch.randn(8, 4), batch_dim=0).shape
+        torch.Size([8, 8])
+    """
+    transform = gramian_of(
+        fn,
+        0,
+        batch_dim=batch_dim,
+        in_dims=in_dims,
+        has_aux=has_aux,
+        check_samples=check_samples,
+    )
+    return transform(params, *args)
