@@ -56,7 +56,10 @@ def _leaf_gramian(factors: list[Factor], shape: torch.Size) -> Tensor:
     summed = [_region_sum(group) for _, group in regions]
     if int(counts.max()) <= 1:  # regions are disjoint and none repeats an element
         return sum((factor.gramian() for factor in summed[1:]), summed[0].gramian())
-    flat = [_scatter(factor.materialise(), index, numel) for factor, index in zip(summed, indices)]
+    flat = [
+        _scatter(factor.materialise(), index, numel)
+        for factor, index in zip(summed, indices, strict=False)
+    ]
     return dense_gramian(sum(flat[1:], flat[0]))
 
 

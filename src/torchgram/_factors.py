@@ -33,7 +33,7 @@ class Linear:
     D: Tensor
 
     def transposed(self, index: Tensor) -> Factor:
-        """The same gradients seen as ``[d_in, d_out]``, on the region ``index`` (``[d_in, d_out]``).
+        """The same gradients seen as ``[d_in, d_out]``, on the region ``index`` of that shape.
 
         With one output row per sample the roles of activations and cotangents swap; otherwise the
         gradients are materialised.

@@ -84,7 +84,7 @@ def split_inputs(
     params, params_spec = _flatten_params(params_tree, caller)
     entries = _in_dims_entries(in_dims, count, caller)
     others = tuple(args[i] for i in range(count) if i not in argnums)
-    data, data_spec = optree.tree_flatten(others, none_is_leaf=True)
+    data, data_spec = optree.tree_flatten(others, none_is_leaf=True)  # type: ignore[arg-type,var-annotated]
     dims: list[int | None] = []
     for position, (arg, entry) in enumerate(
         (args[i], entries[i]) for i in range(count) if i not in argnums
@@ -138,8 +138,8 @@ def _leaf_dims(arg: Any, entry: Any, position: int, caller: str) -> list[int | N
         entries: list[Any] = [entry] * len(leaves)
     else:
         try:
-            entries = optree.tree_broadcast_prefix(entry, arg, none_is_leaf=True)
-            entries = optree.tree_leaves(entries, none_is_leaf=True)
+            prefix = optree.tree_broadcast_prefix(entry, arg, none_is_leaf=True)
+            entries = optree.tree_leaves(prefix, none_is_leaf=True)
         except ValueError as error:
             raise ValueError(
                 f"{caller}: the in_dims entry of data argument {position} does not match its "

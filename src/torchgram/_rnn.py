@@ -37,7 +37,8 @@ def run_recurrent(name: str, args: Sequence[Any], caller: str) -> tuple[Tensor, 
         h0, c0 = hx
     else:
         h0, c0 = hx, None
-    finals_h, finals_c = [], []
+    finals_h: list[Tensor] = []
+    finals_c: list[Any] = []
     for layer in range(layers):
         outputs = []
         for direction in range(directions):

@@ -51,7 +51,7 @@ def generic_factors(
             leaves = optree.tree_leaves(use.call(params, data_i), none_is_leaf=True)
             return tuple(leaves[i] for i in use.tapped)
 
-        _, pullback = vjp(op, *(view.tensor for view in views))
+        _, pullback = vjp(op, *(view.tensor for view in views))  # type: ignore[misc]
         return pullback(tuple(cotangent_i))
 
     per_sample = vmap(one_row, in_dims=(0, 0), randomness="same")

@@ -108,6 +108,10 @@ def _split(result: Any, options: Options) -> tuple[Tensor, Any]:
     return out, aux
 
 
+def _no_pullback(*cotangents: Tensor) -> tuple[()]:
+    return ()
+
+
 class _Aux:
     """Carries aux across ``vjp`` (which takes only tensors): the structure stays here."""
 
@@ -127,11 +131,11 @@ class _Aux:
 
 def _vjp(
     run: Callable[[tuple[Tensor, ...]], tuple[Tensor, Any]], taps: tuple[Tensor, ...]
-) -> tuple[tuple[Tensor, Any], Callable[..., Any] | None]:
+) -> tuple[tuple[Tensor, Any], Callable[..., Any]]:
     """``vjp`` with respect to the taps; without taps (no parameter used) just the run."""
     if not taps:
-        return run(taps), None
-    out, pullback, aux = vjp(run, taps, has_aux=True)
+        return run(taps), _no_pullback
+    out, pullback, aux = vjp(run, taps, has_aux=True)  # type: ignore[misc]
     return (out, aux), pullback
 
 
@@ -299,7 +303,10 @@ def _check_samples(
 def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
     batch = _batch_size(inputs, options)
     n = min(batch, 2)
-    probe_data = [x if d is None else x.narrow(d, 0, n) for x, d in zip(inputs.data, inputs.dims)]
+    probe_data = [
+        x if d is None else x.narrow(d, 0, n)
+        for x, d in zip(inputs.data, inputs.dims, strict=False)
+    ]
     probe = Tape(inputs.params, None, options.caller, per_sample=True)
     with torch.no_grad():
         out, _, _, b = _vmapped(fn, inputs, options, probe)(probe_data, None)
@@ -318,6 +325,6 @@ def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Optio
 
     (out, (records, aux)), pullback = _vjp(differentiable, taps)
     aux = box.unpack(aux)
-    per_sample = torch.Size(out.shape[:b] + (1,) + out.shape[b + 1 :])
+    per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = _pull_back(pullback, out, per_sample) if taps else []
     return Linearised(out, aux, tape.uses, list(records), cotangents, inputs.params, b)

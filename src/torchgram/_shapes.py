@@ -53,9 +53,9 @@ def generalize(flat: Tensor, shape: torch.Size, batch_dim: int | None) -> Tensor
     """
     n = len(shape)
     if batch_dim is None:
-        return flat.reshape(*shape, *shape).permute(*range(n), *reversed(range(n, 2 * n)))
+        return flat.reshape((*shape, *shape)).permute((*range(n), *reversed(range(n, 2 * n))))
     per_sample = [size for d, size in enumerate(shape) if d != batch_dim]
-    grid = flat.reshape(*per_sample, shape[batch_dim], *per_sample, shape[batch_dim])
+    grid = flat.reshape((*per_sample, shape[batch_dim], *per_sample, shape[batch_dim]))
     first = [*range(batch_dim), n - 1, *range(batch_dim, n - 1)]
     second = [n + d for d in first]
-    return grid.permute(*first, *reversed(second))
+    return grid.permute((*first, *reversed(second)))

@@ -111,7 +111,8 @@ class Use:
 
     def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` of the call, with ParamView and DataRef in place of tensors."""
-        return optree.tree_unflatten(self.spec, self.leaves)
+        args, kwargs = optree.tree_unflatten(self.spec, self.leaves)
+        return args, kwargs  # type: ignore[return-value]
 
     def call(self, params: Sequence[Tensor], data: Sequence[Tensor]) -> Any:
         """Run the op again with new parameter views and data (in the order of the slots)."""

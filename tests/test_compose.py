@@ -1,0 +1,99 @@
+"""gramian composes with torch.func.vmap, torch.func.grad, plain autograd and no_grad."""
+
+from __future__ import annotations
+
+import torch
+from oracle import flat_gramian
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+import torchgram
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def _losses(model):
+    def fn(params, x, y):
+        return (functional_call(model, params, (x,)).squeeze(-1) - y) ** 2
+
+    return fn
+
+
+def _data():
+    return torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+
+
+def test_vmap_over_ensemble_equals_loop() -> None:
+    members = [_model() for _ in range(3)]
+    for i, m in enumerate(members):
+        for p in m.parameters():
+            p.data.add_(0.1 * i)
+    stacked, _ = stack_module_state(members)
+    base = _model().to("meta")
+    fn = _losses(base)
+    x, y = _data()
+    G = vmap(torchgram.gramian_of(fn, batch_dim=0), in_dims=(0, None, None))(stacked, x, y)
+    assert G.shape == (3, 6, 6)
+    for i, member in enumerate(members):
+        params = {k: v.detach() for k, v in member.named_parameters()}
+        expected = flat_gramian(_losses(member), params, x, y)
+        assert torch.allclose(G[i], expected, rtol=1e-10, atol=1e-12)
+
+
+def _trace_oracle(fn, params, x, y):
+    return flat_gramian(fn, params, x, y).trace()
+
+
+def test_func_grad_of_trace_equals_oracle() -> None:
+    model = _model()
+    fn = _losses(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _data()
+    ours = grad(lambda p: torchgram.gramian(fn, p, x, y, batch_dim=0).trace())(params)
+    expected = grad(lambda p: _trace_oracle(fn, p, x, y))(params)
+    for name in params:
+        assert torch.allclose(ours[name], expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_func_grad_of_off_diagonal_sum_equals_oracle() -> None:
+    model = _model()
+    fn = _losses(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _data()
+    ours = grad(lambda p: torchgram.gramian(fn, p, x, y, batch_dim=0).sum())(params)
+    expected = grad(lambda p: flat_gramian(fn, p, x, y).sum())(params)
+    for name in params:
+        assert torch.allclose(ours[name], expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_plain_autograd_of_trace_equals_oracle() -> None:
+    model = _model()
+    fn = _losses(model)
+    params = dict(model.named_parameters())  # leaves that require grad
+    x, y = _data()
+    torchgram.gramian(fn, params, x, y, batch_dim=0).trace().backward()
+    expected = grad(lambda p: _trace_oracle(fn, p, x, y))(
+        {k: v.detach() for k, v in params.items()}
+    )
+    for name, p in params.items():
+        assert torch.allclose(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_inside_no_grad_and_with_inputs_requiring_grad() -> None:
+    model = _model()
+    fn = _losses(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _data()
+    expected = flat_gramian(fn, params, x, y)
+    with torch.no_grad():
+        G = torchgram.gramian(fn, params, x, y, batch_dim=0)
+    assert torch.allclose(G, expected, rtol=1e-10)
+    x = x.clone().requires_grad_()
+    G = torchgram.gramian(fn, params, x, y, batch_dim=0)
+    assert torch.allclose(G, expected, rtol=1e-10)
+    (gx,) = torch.autograd.grad(G.trace(), x)
+    expected_gx = grad(lambda x: _trace_oracle(fn, params, x, y))(x.detach())
+    assert torch.allclose(gx, expected_gx, rtol=1e-9, atol=1e-12)

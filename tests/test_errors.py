@@ -1,0 +1,167 @@
+"""Bad input gets a clear error, never a silently wrong Gramian, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import flat_gramian
+from torch import nn
+from torch.func import functional_call
+from torch.overrides import _get_current_function_mode_stack
+
+import torchgram
+
+W = {"w": torch.randn(4, 3, dtype=torch.float64)}
+X = torch.randn(5, 4, dtype=torch.float64)
+
+
+def losses(params, x):
+    return (x @ params["w"]).pow(2).sum(-1)
+
+
+def test_fn_returning_a_non_tensor() -> None:
+    with pytest.raises(TypeError, match="fn must return a tensor.*returned a list"):
+        torchgram.gramian(lambda p, x: [losses(p, x)], W, X, batch_dim=0)
+
+
+def test_fn_returning_a_pair_without_has_aux() -> None:
+    with pytest.raises(TypeError, match="set has_aux=True"):
+        torchgram.gramian(lambda p, x: (losses(p, x), 1), W, X)
+
+
+def test_has_aux_without_a_pair() -> None:
+    with pytest.raises(TypeError, match="has_aux=True but fn returned a Tensor, not a pair"):
+        torchgram.gramian(losses, W, X, batch_dim=0, has_aux=True)
+
+
+def test_integer_output() -> None:
+    with pytest.raises(TypeError, match="must be floating-point"):
+        torchgram.gramian(lambda p, x: losses(p, x).long(), W, X)
+
+
+@pytest.mark.parametrize("batch_dim", [1, -2])
+def test_batch_dim_out_of_range(batch_dim) -> None:
+    with pytest.raises(ValueError, match=f"batch_dim={batch_dim} is out of range"):
+        torchgram.gramian(losses, W, X, batch_dim=batch_dim)
+
+
+def test_batch_dim_not_the_sample_dimension() -> None:
+    def fn(params, x):
+        return (x @ params["w"]).T  # [3, B]: samples on dim 1
+
+    with pytest.raises(ValueError, match="with size 3 at batch_dim=0"):
+        torchgram.gramian(fn, W, X, batch_dim=0)
+
+
+def test_batch_dim_with_data_in_a_closure() -> None:
+    with pytest.raises(ValueError, match="pass the data as an argument"):
+        torchgram.gramian(lambda p: losses(p, X), W, batch_dim=0)
+
+
+def test_batch_dim_with_no_batched_argument() -> None:
+    with pytest.raises(ValueError, match="no argument of fn holds samples"):
+        torchgram.gramian(losses, W, X, batch_dim=0, in_dims=(None, None))
+
+
+def test_in_dims_of_different_sizes() -> None:
+    def fn(params, x, y):
+        return losses(params, x) + y.sum(-1)
+
+    with pytest.raises(ValueError, match="dimensions of different sizes.*5 at dim 0.*2 at dim 1"):
+        torchgram.gramian(fn, W, X, torch.randn(5, 2), batch_dim=0, in_dims=(None, 0, 1))
+
+
+def test_in_dims_of_the_wrong_length() -> None:
+    with pytest.raises(ValueError, match="in_dims has 3 entries but fn was called with 2"):
+        torchgram.gramian(losses, W, X, batch_dim=0, in_dims=(None, 0, 0))
+
+
+def test_in_dims_out_of_range() -> None:
+    with pytest.raises(ValueError, match="at dim 2, but that tensor has shape"):
+        torchgram.gramian(losses, W, X, batch_dim=0, in_dims=(None, 2))
+
+
+def test_empty_params() -> None:
+    with pytest.raises(ValueError, match="params has no leaves"):
+        torchgram.gramian(lambda p, x: x.sum(-1), {}, X, batch_dim=0)
+
+
+def test_non_tensor_leaf_in_params() -> None:
+    with pytest.raises(TypeError, match=r"leaf at \('scale',\) is a float"):
+        torchgram.gramian(losses, {"w": W["w"], "scale": 2.0}, X, batch_dim=0)
+
+
+def test_integer_leaf_in_params() -> None:
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        torchgram.gramian(losses, {"w": W["w"], "steps": torch.tensor(3)}, X, batch_dim=0)
+
+
+def test_bad_option_types() -> None:
+    with pytest.raises(TypeError, match="batch_dim must be an int"):
+        torchgram.gramian_of(losses, batch_dim="0")
+    with pytest.raises(TypeError, match="argnums must be an int"):
+        torchgram.gramian_of(losses, argnums="0")
+    with pytest.raises(TypeError, match="fn must be callable"):
+        torchgram.gramian_of(3)
+
+
+def _batchnorm_fn(track_running_stats=True):
+    norm = nn.BatchNorm1d(3, track_running_stats=track_running_stats)
+    model = nn.Sequential(nn.Linear(4, 3), norm).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fn(params, x):
+        return functional_call(model, params, (x,)).pow(2).sum(-1)
+
+    return model, params, fn
+
+
+def test_batchnorm_in_training_mode_is_refused() -> None:
+    model, params, fn = _batchnorm_fn()
+    with pytest.raises(ValueError, match="batch_norm in training mode.*model.eval()"):
+        torchgram.gramian(fn, params, X, batch_dim=0)
+
+
+def test_batchnorm_in_training_mode_is_exact_without_batch_dim() -> None:
+    # torch.func refuses the in-place update of running statistics inside a transform
+    # (torch.func.replace_all_batch_norm_modules_ removes them), hence track_running_stats=False.
+    model, params, fn = _batchnorm_fn(track_running_stats=False)
+    G = torchgram.gramian(fn, params, X)
+    reference = flat_gramian(fn, params, X)
+    assert torch.allclose(G, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_batchnorm_in_eval_mode_is_fine() -> None:
+    model, params, fn = _batchnorm_fn()
+    model.eval()
+    G = torchgram.gramian(fn, params, X, batch_dim=0)
+    assert torch.allclose(G, flat_gramian(fn, params, X), rtol=1e-10)
+
+
+def test_hidden_cross_sample_mixing_is_caught() -> None:
+    def mixes(params, x):
+        h = x @ params["w"]
+        return (h - h.mean(0, keepdim=True)).pow(2).sum(-1)  # centres over the batch
+
+    with pytest.raises(ValueError, match="does not treat samples independently"):
+        torchgram.gramian(mixes, W, X, batch_dim=0)
+    G = torchgram.gramian(mixes, W, X)  # batch_dim=None is exact for any fn
+    assert torch.allclose(G, flat_gramian(mixes, W, X), rtol=1e-10)
+
+
+def test_nothing_left_behind_after_errors() -> None:
+    x = X.clone()
+    w = W["w"].clone()
+    calls = [
+        lambda: torchgram.gramian(lambda p, x: [p], W, X, batch_dim=0),
+        lambda: torchgram.gramian(losses, W, X, batch_dim=3),
+        lambda: torchgram.gramian(_batchnorm_fn()[2], _batchnorm_fn()[1], X, batch_dim=0),
+        lambda: torchgram.gramian(lambda p, x: 1 / 0, W, X, batch_dim=0),
+    ]
+    for call in calls:
+        with pytest.raises((TypeError, ValueError, ZeroDivisionError)):
+            call()
+        assert not _get_current_function_mode_stack()
+    torchgram.gramian(losses, W, X, batch_dim=0)
+    assert not _get_current_function_mode_stack()
+    assert torch.equal(X, x) and torch.equal(W["w"], w)
