@@ -7,6 +7,13 @@ Gramian into the weights of Jacobian descent.
 
 from torchgram import weightings
 from torchgram._shapes import flatten
-from torchgram._transform import gramian, gramian_of
+from torchgram._transform import gramian, gramian_of, jd_grad, vjp_and_gramian
 
-__all__ = ["flatten", "gramian", "gramian_of", "weightings"]
+__all__ = [
+    "flatten",
+    "gramian",
+    "gramian_of",
+    "jd_grad",
+    "vjp_and_gramian",
+    "weightings",
+]

@@ -46,6 +46,32 @@ def gramian_of_factors(
     return total
 
 
+def weighted_gradients(
+    contributions: Sequence[tuple[int, Factor]], leaves: Sequence[Tensor], weights: Tensor
+) -> list[Tensor]:
+    """For each leaf, ``sum_r weights[r] g_r``: the vjp of the output with cotangent ``weights``.
+
+    Args:
+        contributions: ``(leaf position, factor)`` for every parameter argument of every use.
+        leaves: The flattened parameter leaves.
+        weights: ``[K, B]``.
+
+    Returns:
+        One tensor shaped like each leaf (zeros for a leaf no use touched).
+    """
+    grads = [torch.zeros_like(leaf) for leaf in leaves]
+    for leaf, factor in contributions:
+        part = factor.weighted(weights)
+        shape = leaves[leaf].shape
+        if factor.index is None:
+            grads[leaf] = grads[leaf] + part.reshape(shape)
+        else:
+            index = factor.index.reshape(-1).to(part.device)
+            flat = part.new_zeros(shape.numel()).index_add(0, index, part.reshape(-1))
+            grads[leaf] = grads[leaf] + flat.view(shape)
+    return grads
+
+
 def _leaf_gramian(factors: list[Factor], shape: torch.Size) -> Tensor:
     regions = _group_by_region(factors, shape)
     if len(regions) == 1 and regions[0][0] is None:

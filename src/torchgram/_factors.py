@@ -46,6 +46,11 @@ class Linear:
         """The per-sample gradients ``[K, B, d_out, d_in]``."""
         return torch.einsum("kbte,btd->kbed", self.D, self.A)
 
+    def weighted(self, weights: Tensor) -> Tensor:
+        """``sum_ki weights[k, i] g[k, i]``, ``[d_out, d_in]``, without forming ``g``."""
+        D = torch.einsum("kb,kbte->bte", weights, self.D)
+        return torch.einsum("bte,btd->ed", D, self.A)
+
     def gramian(self) -> Tensor:
         """``[K*B, K*B]`` Gramian of the gradients, in the cheaper of the two forms."""
         if ghost_cost(self.A.shape, self.D.shape) <= materialised_cost(self.A.shape, self.D.shape):
@@ -65,6 +70,9 @@ class Dense:
 
     def materialise(self) -> Tensor:
         return self.g
+
+    def weighted(self, weights: Tensor) -> Tensor:
+        return torch.tensordot(weights, self.g, dims=2)
 
     def gramian(self) -> Tensor:
         return dense_gramian(self.g)

@@ -61,6 +61,10 @@ class Inputs:
             args.append(self.args[position] if position in self.argnums else next(rest))
         return fn(*args)
 
+    def unflatten_params(self, leaves: Sequence[Tensor]) -> Any:
+        """A pytree shaped like the parameters (a tuple of them when argnums is a tuple)."""
+        return optree.tree_unflatten(self.params_spec, list(leaves))
+
     def batched(self) -> list[int]:
         """Positions of the data leaves that hold samples."""
         return [i for i, dim in enumerate(self.dims) if dim is not None]

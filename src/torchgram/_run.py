@@ -13,6 +13,7 @@ gives the cotangents ``[K, B, ...]`` of every use's output. Parameter gradients 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,8 @@ import optree
 import torch
 from torch.func import vjp, vmap
 
-from torchgram._assemble import gramian_of_factors
+from torchgram._assemble import gramian_of_factors, weighted_gradients
+from torchgram._factors import Factor
 from torchgram._pytree import Inputs
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
@@ -52,16 +54,27 @@ class Linearised:
     params: tuple[Tensor, ...]
     batch_dim: int | None
 
-    def gramian(self) -> Tensor:
-        """The generalized Gramian ``S + S[::-1]``."""
+    @functools.cached_property
+    def contributions(self) -> list[tuple[int, Factor]]:
+        """``(leaf, factor)`` for every parameter argument of every use (computed once)."""
         contributions = []
         for use in self.uses:
             cotangents = self.cotangents[use.first_tap : use.first_tap + len(use.tapped)]
             contributions.extend(use_factors(use, self.records, cotangents))
-        batch = 1 if self.batch_dim is None else self.out.shape[self.batch_dim]
-        rows = self.out.numel() // batch * batch
-        flat = gramian_of_factors(contributions, self.params, rows)
+        return contributions
+
+    def gramian(self) -> Tensor:
+        """The generalized Gramian ``S + S[::-1]``."""
+        flat = gramian_of_factors(self.contributions, self.params, self.out.numel())
         return generalize(flat, self.out.shape, self.batch_dim)
+
+    def vjp(self, weights: Tensor) -> list[Tensor]:
+        """``sum_r weights[r] d out[r] / d params`` per leaf, from the tape (fn is not run)."""
+        if self.batch_dim is None:
+            rows = weights.reshape(-1, 1)
+        else:
+            rows = weights.movedim(self.batch_dim, -1).reshape(-1, self.out.shape[self.batch_dim])
+        return weighted_gradients(self.contributions, self.params, rows)
 
 
 @dataclass(frozen=True)

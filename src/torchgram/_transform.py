@@ -137,3 +137,110 @@ def gramian(
         check_samples=check_samples,
     )
     return transform(params, *args)
+
+
+def vjp_and_gramian(
+    fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    batch_dim: int | None = None,
+    in_dims: InDims = 0,
+    has_aux: bool = False,
+    check_samples: bool = True,
+) -> Any:
+    """fn's output, a vjp function and the Gramian, from one run of ``fn``.
+
+    Like ``torch.func.vjp`` with the Gramian added: ``vjp_fn(weights)`` returns
+    ``sum_r weights[r] * d out[r] / d params`` as a pytree shaped like ``params``, for weights
+    shaped like the output. It reuses what the Gramian was computed from (each use's inputs and
+    output cotangents), so ``fn`` is not run again and no second backward pass is made. This is
+    one step of Jacobian descent: ``vjp_fn(weighting(G))``.
+
+    Args:
+        fn, params, args, batch_dim, in_dims, has_aux, check_samples: As for :func:`gramian`.
+
+    Returns:
+        ``(out, vjp_fn, G)``, and ``aux`` last with ``has_aux``.
+
+    Example:
+        >>> import torch, torchgram
+        >>> def losses(w, x):
+        ...     return (x @ w) ** 2                           # [B]
+        >>> w, x = torch.randn(3), torch.randn(4, 3)
+        >>> out, vjp_fn, G = torchgram.vjp_and_gramian(losses, w, x, batch_dim=0)
+        >>> direction = vjp_fn(torchgram.weightings.mean(G))  # the gradient of the mean loss
+        >>> torch.allclose(direction, torch.func.grad(lambda w: losses(w, x).mean())(w))
+        True
+    """
+    caller = f"vjp_and_gramian(fn, batch_dim={batch_dim})"
+    options = _options(fn, caller, batch_dim, has_aux, check_samples)
+    inputs = split_inputs((params, *args), (0,), in_dims, caller)
+    run = linearise(fn, inputs, options)
+    out = run.out
+
+    def vjp_fn(weights: Tensor) -> Any:
+        if not isinstance(weights, Tensor) or weights.shape != out.shape:
+            got = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise ValueError(
+                f"vjp_fn(weights): weights must be a tensor shaped like fn's output "
+                f"{list(out.shape)}, got {got}. Pass one weight per output element, e.g. "
+                "weighting(G) for the Gramian G returned with vjp_fn."
+            )
+        return inputs.unflatten_params(run.vjp(weights.to(out.dtype)))
+
+    G = run.gramian()
+    return (out, vjp_fn, G, run.aux) if has_aux else (out, vjp_fn, G)
+
+
+def jd_grad(
+    fn: Callable[..., Any],
+    weighting: Callable[[Tensor], Tensor],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    batch_dim: int | None = None,
+    in_dims: InDims = 0,
+    has_aux: bool = False,
+    check_samples: bool = True,
+) -> Callable[..., Any]:
+    """Transform ``fn`` into a function that returns its Jacobian-descent direction.
+
+    The direction is ``Jᵀ w`` with ``w = weighting(G)``: the Gramian ``G`` of the Jacobian ``J`` of
+    ``fn``'s output with respect to ``args[argnums]`` decides how the rows of ``J`` (one per output
+    element) are combined. Like ``torch.func.grad``, the result is shaped like the parameters;
+    with ``weighting=torchgram.weightings.sum`` it is the gradient of ``out.sum()``.
+
+    Args:
+        fn: As for :func:`gramian_of`.
+        weighting: A function from a (generalized) Gramian to weights shaped like the output,
+            e.g. ``torchgram.weightings.upgrad`` or a ``functools.partial`` of one.
+        argnums, batch_dim, in_dims, has_aux, check_samples: As for :func:`gramian_of`.
+
+    Returns:
+        A function with fn's positional arguments returning the direction (and aux).
+
+    Example:
+        >>> import torch, torchgram
+        >>> def losses(w, x):
+        ...     return (x @ w - 1) ** 2
+        >>> step = torchgram.jd_grad(losses, torchgram.weightings.upgrad, batch_dim=0)
+        >>> step(torch.zeros(3), torch.randn(8, 3)).shape
+        torch.Size([3])
+    """
+    caller = f"jd_grad(fn, batch_dim={batch_dim})"
+    options = _options(fn, caller, batch_dim, has_aux, check_samples)
+    numbers = normalize_argnums(argnums, caller)
+    if not callable(weighting):
+        raise TypeError(
+            f"{caller}: weighting must be a function from a Gramian to weights, e.g. "
+            f"torchgram.weightings.upgrad, got {type(weighting).__name__}."
+        )
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        inputs = split_inputs(args, numbers, in_dims, caller)
+        run = linearise(fn, inputs, options)
+        weights = weighting(run.gramian())
+        direction = inputs.unflatten_params(run.vjp(weights))
+        return (direction, run.aux) if has_aux else direction
+
+    return wrapper
