@@ -39,7 +39,7 @@ def test_zoo_without_batch_dim_matches_oracle(name: str) -> None:
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 def test_float32_agrees_with_float64(name: str) -> None:
     case = CASES[name]
-    to32 = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
+    to32 = lambda t: t.float() if t.is_floating_point() else t
     params = {k: to32(v) for k, v in case.params.items()}
     args = tuple(to32(a) for a in case.args)
     G32 = torchgram.gramian(case.fn, params, *args, batch_dim=0)

@@ -6,6 +6,7 @@ Gramian into the weights of Jacobian descent.
 """
 
 from torchgram import weightings
+from torchgram._grads import set_grad
 from torchgram._shapes import flatten
 from torchgram._transform import gramian, gramian_of, jd_grad, vjp_and_gramian
 
@@ -14,6 +15,7 @@ __all__ = [
     "gramian",
     "gramian_of",
     "jd_grad",
+    "set_grad",
     "vjp_and_gramian",
     "weightings",
 ]

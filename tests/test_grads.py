@@ -1,0 +1,46 @@
+"""set_grad: directions into .grad for torch.optim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchgram
+
+
+def test_set_grad_on_a_module_lets_an_optimizer_step() -> None:
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def losses(params, x):
+        return torch.func.functional_call(model, params, (x,)).pow(2).sum(-1)
+
+    direction = torchgram.jd_grad(losses, torchgram.weightings.mean, batch_dim=0)(params, x)
+    torchgram.set_grad(model, direction)
+    expected = torch.func.grad(lambda p: losses(p, x).mean())(params)
+    before = model.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.allclose(model.weight, before - 0.1 * expected["weight"], atol=1e-6)
+
+
+def test_set_grad_accumulates_and_takes_pytrees() -> None:
+    w = torch.zeros(2, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    torchgram.set_grad({"w": w, "b": [b]}, {"w": torch.ones(2), "b": [torch.ones(1)]})
+    torchgram.set_grad({"w": w}, {"w": torch.ones(2)}, accumulate=True)
+    assert torch.equal(w.grad, torch.full((2,), 2.0))
+    assert torch.equal(b.grad, torch.ones(1))
+
+
+def test_set_grad_errors() -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"\['nope'\] are not parameters"):
+        torchgram.set_grad(model, {"nope": torch.ones(1)})
+    with pytest.raises(ValueError, match=r"must be a tensor of shape \[2\], got \[3\]"):
+        torchgram.set_grad(model, {"bias": torch.ones(3)})
+    with pytest.raises(TypeError, match="grads must be a dict"):
+        torchgram.set_grad(model, [torch.ones(2)])
+    with pytest.raises(ValueError, match="structure of params"):
+        torchgram.set_grad({"w": torch.zeros(2)}, {"v": torch.zeros(2)})
