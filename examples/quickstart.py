@@ -1,0 +1,44 @@
+"""Quickstart: the Gramian of per-sample losses, and what it tells about the samples.
+
+Run: python examples/quickstart.py
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import torchgram
+
+
+def main() -> torch.Tensor:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def losses(params, x, y):  # one loss per sample: [B]
+        logits = functional_call(model, params, (x,))
+        return nn.functional.cross_entropy(logits, y, reduction="none")
+
+    G = torchgram.gramian(losses, params, x, y, batch_dim=0)  # [B, B]
+    norms = G.diagonal().sqrt()  # per-sample gradient norms
+    cosine = G / (norms[:, None] * norms[None, :])  # cosine similarity between sample gradients
+
+    torch.set_printoptions(precision=3, sci_mode=False)
+    print("Gramian G = J Jᵀ of the per-sample losses, [B, B]:")
+    print(G)
+    print("\nper-sample gradient norms sqrt(diag G):")
+    print(norms)
+    print("\ncosine similarity between per-sample gradients:")
+    print(cosine)
+    conflicts = (cosine < 0).sum().item() // 2
+    print(
+        f"\n{conflicts} of {6 * 5 // 2} pairs of samples have conflicting gradients (cosine < 0)."
+    )
+    return G
+
+
+if __name__ == "__main__":
+    main()
