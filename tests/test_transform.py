@@ -206,3 +206,17 @@ def test_transposed_and_chunked_uses_of_one_leaf() -> None:
     for batch_dim in (0, None):
         G = torchgram.gramian(fn, {"w": w}, x, batch_dim=batch_dim)
         assert_close(flatten(G), flat_gramian(fn, {"w": w}, x))
+
+
+def test_module_called_directly_with_its_own_parameters() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = model.double()
+    params = dict(model.named_parameters())  # the module's own tensors, no functional_call
+    x = torch.randn(5, 4, dtype=torch.float64)
+    G = torchgram.gramian(lambda p, x: model(x).squeeze(-1), params, x, batch_dim=0)
+
+    def fn(params, x):
+        return torch.func.functional_call(model, params, (x,)).squeeze(-1)
+
+    detached = {k: v.detach() for k, v in params.items()}
+    assert_close(G.detach(), flat_gramian(fn, detached, x))
