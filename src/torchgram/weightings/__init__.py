@@ -1,3 +1,52 @@
-"""Weightings: plain functions from a Gramian to the weights of the Jacobian's rows."""
+"""Weightings: plain functions from a Gramian to the weights of the Jacobian's rows.
 
-__all__: list[str] = []
+A weighting maps the Gramian ``G = J Jᵀ`` of a Jacobian ``J`` to weights ``w`` such that the update
+is ``Jᵀw``. Every weighting is a function ``name(G, **options) -> w``:
+
+- ``G`` is an ``[m, m]`` Gramian, or the generalized Gramian of an output of shape ``S`` (shape
+  ``S + S[::-1]``, e.g. ``[B, K, K, B]``); the weights then have shape ``S`` (0-D for a 0-D output).
+  A generalized Gramian gives the weights of its flattened ``[m, m]`` form, reshaped to ``S``.
+- Options are keyword-only, with the defaults of the method's paper or of TorchJD 0.18;
+  ``functools.partial(upgrad, pref=p)`` is a configured weighting.
+- Stateful methods (``gradvac``, ``cr_mogm``) take the state of the previous call and return the
+  new one: ``w, state = gradvac(G, state=state)``, with ``state=None`` on the first call. States are
+  immutable ``NamedTuple``s of tensors (``GradVacState``, ``CRMOGMState``), so they can be stored,
+  copied, passed through ``vmap`` or checkpointed like any pytree.
+
+All weightings are pure torch (any device and dtype) and work under ``torch.func.vmap`` over a
+stack of Gramians; the random ones (``random``, ``pcgrad``, ``gradvac``) need
+``randomness="same"`` or ``"different"`` there and no explicit generator.
+"""
+
+from ._aligned_mtl import aligned_mtl
+from ._basic import constant, mean, random, sum
+from ._cagrad import cagrad
+from ._cr_mogm import CRMOGMState, cr_mogm
+from ._fairgrad import fairgrad, nash_mtl
+from ._gradvac import GradVacState, gradvac
+from ._imtl_g import imtl_g
+from ._krum import krum
+from ._mgda import mgda
+from ._pcgrad import pcgrad
+from ._upgrad import dualproj, upgrad
+
+__all__ = [
+    "CRMOGMState",
+    "GradVacState",
+    "aligned_mtl",
+    "cagrad",
+    "constant",
+    "cr_mogm",
+    "dualproj",
+    "fairgrad",
+    "gradvac",
+    "imtl_g",
+    "krum",
+    "mean",
+    "mgda",
+    "nash_mtl",
+    "pcgrad",
+    "random",
+    "sum",
+    "upgrad",
+]

@@ -1,0 +1,127 @@
+"""``upgrad`` and ``dualproj``: weightings projecting onto the dual cone of the rows."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._dual_cone import _project_weights
+from ._shapes import _check_positive_int, _check_vector, _to_matrix, _unflatten_weights
+
+
+def _preference(pref: Tensor | None, M: Tensor, shape: torch.Size, call: str) -> Tensor:
+    """The preference vector flattened to ``[m]``; ``None`` gives the uniform ``1/m``."""
+    if pref is None:
+        m = M.shape[0]
+        return torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device)
+    return _check_vector(pref, shape, M, call, "pref")
+
+
+def _check_eps(norm_eps: float, reg_eps: float, call: str) -> None:
+    if norm_eps < 0.0 or reg_eps <= 0.0:
+        raise ValueError(
+            f"{call}: expected norm_eps >= 0 and reg_eps > 0, got norm_eps={norm_eps!r}, "
+            f"reg_eps={reg_eps!r}. reg_eps makes the problem strictly convex; keep it small."
+        )
+
+
+def upgrad(
+    G: Tensor,
+    *,
+    pref: Tensor | None = None,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    max_iters: int = 500,
+    tol: float | None = None,
+) -> Tensor:
+    """Weights of UPGrad: project each row onto the dual cone of the rows, then combine.
+
+    Jacobian descent, arXiv:2406.16232. With ``G' = G / trace(G) + reg_eps * I`` (and
+    ``G' = reg_eps * I`` when ``trace(G) < norm_eps``, as in TorchJD), the weights are
+    ``w = sum_i v_i`` with ``v_i = argmin_v vᵀG'v subject to v >= pref_i * e_i``. The update ``Jᵀw``
+    does not conflict with any row: ``G w >= -reg_eps * trace(G) * w`` (the regularisation is the
+    only slack).
+
+    All ``m`` quadratic programs share ``G`` and are solved together (see ``_dual_cone.py``): ADMM
+    with an exact ``x``-update from one eigendecomposition, stopping when the relative optimality
+    residual is below ``tol`` (``None``: 1e-11 in float64, 1e-5 in float32) or after ``max_iters``
+    iterations (always ``max_iters`` under ``vmap``).
+
+    Not differentiable: the result is computed without gradient. A zero Gramian gives
+    ``w = pref``; a rank-deficient one is handled by ``reg_eps``.
+
+    Args:
+        G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
+        pref: Preference vector of shape ``S`` or ``[m]`` (default: uniform ``1/m``).
+        norm_eps: Below this trace, ``G`` is treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+        max_iters: Maximal number of solver iterations.
+        tol: Stopping tolerance on the relative optimality residual.
+
+    Returns:
+        Weights of shape ``S``.
+
+    Example:
+        >>> import torch
+        >>> from torchgram.weightings import upgrad
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> upgrad(J @ J.T)
+        tensor([1.1109, 0.7894])
+    """
+    call = "upgrad(G)"
+    M, shape = _to_matrix(G, call)
+    u = _preference(pref, M, shape, call)
+    _check_eps(norm_eps, reg_eps, call)
+    _check_positive_int(max_iters, call, "max_iters")
+    V = _project_weights(
+        torch.diag(u), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
+    )
+    return _unflatten_weights(V.sum(dim=0), shape)
+
+
+def dualproj(
+    G: Tensor,
+    *,
+    pref: Tensor | None = None,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    max_iters: int = 500,
+    tol: float | None = None,
+) -> Tensor:
+    """Weights of DualProj: project the preferred combination onto the dual cone of the rows.
+
+    Equation 11 of Gradient Episodic Memory (Lopez-Paz and Ranzato, 2017), in the weight form of
+    arXiv:2406.16232: ``w = argmin_v vᵀG'v subject to v >= pref`` with ``G'`` normalised and
+    regularised as in :func:`upgrad`, and solved by the same solver. ``Jᵀw`` does not conflict with
+    any row, up to the regularisation.
+
+    Not differentiable: the result is computed without gradient. A zero Gramian gives
+    ``w = pref``; a rank-deficient one is handled by ``reg_eps``.
+
+    Args:
+        G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
+        pref: Preference vector of shape ``S`` or ``[m]`` (default: uniform ``1/m``).
+        norm_eps: Below this trace, ``G`` is treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+        max_iters: Maximal number of solver iterations.
+        tol: Stopping tolerance on the relative optimality residual.
+
+    Returns:
+        Weights of shape ``S``.
+
+    Example:
+        >>> import torch
+        >>> from torchgram.weightings import dualproj
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> dualproj(J @ J.T)
+        tensor([0.6109, 0.5000])
+    """
+    call = "dualproj(G)"
+    M, shape = _to_matrix(G, call)
+    u = _preference(pref, M, shape, call)
+    _check_eps(norm_eps, reg_eps, call)
+    _check_positive_int(max_iters, call, "max_iters")
+    v = _project_weights(
+        u.unsqueeze(0), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
+    )
+    return _unflatten_weights(v.squeeze(0), shape)

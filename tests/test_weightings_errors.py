@@ -1,0 +1,85 @@
+"""Bad inputs to the weightings raise errors that say what went wrong and how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchgram import weightings as W
+
+NAMES = ["upgrad", "dualproj", "mgda", "cagrad", "imtl_g", "aligned_mtl", "pcgrad", "fairgrad",
+         "nash_mtl", "mean", "sum", "random"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (2, 3, 2), (2, 3, 2, 3)])
+def test_gramian_of_the_wrong_shape(name: str, shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}\(G.*\): expected a Gramian of shape S \+ S"):
+        getattr(W, name)(torch.ones(shape))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_floating_gramian(name: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{name}\(G.*\): expected a floating-point Gramian"):
+        getattr(W, name)(torch.eye(3, dtype=torch.int64))
+
+
+def test_not_a_tensor() -> None:
+    with pytest.raises(TypeError, match=r"^upgrad\(G\): expected G to be a torch.Tensor, got list"):
+        W.upgrad([[1.0]])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "aligned_mtl"])
+def test_preference_of_the_wrong_shape(name: str) -> None:
+    with pytest.raises(ValueError, match=r"expected pref of shape \[3\] .* got shape \[2\]"):
+        getattr(W, name)(torch.eye(3), pref=torch.ones(2))
+    with pytest.raises(TypeError, match=r"expected pref to be a torch.Tensor or None, got list"):
+        getattr(W, name)(torch.eye(3), pref=[1.0, 1.0, 1.0])
+
+
+def test_constant_weights_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match=r"^constant\(G, weights\): expected weights of shape"):
+        W.constant(torch.eye(3), weights=torch.ones(4))
+
+
+def test_option_values() -> None:
+    with pytest.raises(ValueError, match=r"^upgrad\(G\): expected norm_eps >= 0 and reg_eps > 0"):
+        W.upgrad(torch.eye(2), reg_eps=0.0)
+    with pytest.raises(ValueError, match=r"^upgrad\(G\): expected max_iters >= 1"):
+        W.upgrad(torch.eye(2), max_iters=0)
+    with pytest.raises(TypeError, match=r"^mgda\(G\): expected max_iters to be an int"):
+        W.mgda(torch.eye(2), max_iters=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^mgda\(G\): expected epsilon > 0"):
+        W.mgda(torch.eye(2), epsilon=0.0)
+    with pytest.raises(ValueError, match=r"^aligned_mtl\(G\): expected scale_mode in"):
+        W.aligned_mtl(torch.eye(2), scale_mode="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^cagrad\(G\): expected c >= 0"):
+        W.cagrad(torch.eye(2), c=-1.0)
+    with pytest.raises(ValueError, match=r"^fairgrad\(G\): expected alpha >= 0"):
+        W.fairgrad(torch.eye(2), alpha=-1.0)
+    with pytest.raises(ValueError, match=r"^nash_mtl\(G\): expected max_norm >= 0"):
+        W.nash_mtl(torch.eye(2), max_norm=-1.0)
+
+
+def test_krum_needs_enough_rows() -> None:
+    with pytest.raises(ValueError, match=r"^krum\(G\): expected at least .* = 5 rows, got m=4"):
+        W.krum(torch.eye(4), n_byzantine=2)
+    with pytest.raises(ValueError, match=r"^krum\(G\): expected n_byzantine >= 0"):
+        W.krum(torch.eye(4), n_byzantine=-1)
+
+
+def test_stateful_errors() -> None:
+    _, state = W.gradvac(torch.eye(3))
+    with pytest.raises(ValueError, match=r"^gradvac\(G\): expected state.phi of shape \[2, 2\]"):
+        W.gradvac(torch.eye(2), state=state)
+    with pytest.raises(TypeError, match=r"^gradvac\(G\): expected state to be a GradVacState"):
+        W.gradvac(torch.eye(2), state=(torch.zeros(2, 2),))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^gradvac\(G\): expected beta in \[0.0, 1.0\]"):
+        W.gradvac(torch.eye(2), beta=2.0)
+    _, cr_state = W.cr_mogm(torch.eye(3), weighting=W.mean)
+    with pytest.raises(ValueError, match=r"^cr_mogm\(G, weighting\): expected state.weights of"):
+        W.cr_mogm(torch.eye(2), weighting=W.mean, state=cr_state)
+    with pytest.raises(ValueError, match=r"^cr_mogm\(G, weighting\): expected alpha in"):
+        W.cr_mogm(torch.eye(2), weighting=W.mean, alpha=1.5)
+    with pytest.raises(TypeError, match=r"^cr_mogm\(G, weighting\): expected weighting to be a"):
+        W.cr_mogm(torch.eye(2), weighting="mgda")  # type: ignore[arg-type]
