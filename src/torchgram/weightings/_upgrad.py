@@ -17,6 +17,17 @@ def _preference(pref: Tensor | None, M: Tensor, shape: torch.Size, call: str) ->
     return _check_vector(pref, shape, M, call, "pref")
 
 
+def _prepare(
+    G: Tensor, pref: Tensor | None, norm_eps: float, reg_eps: float, max_iters: int, call: str
+) -> tuple[Tensor, Tensor, torch.Size]:
+    """Checks the arguments; returns the ``[m, m]`` Gramian, the preference ``[m]`` and ``S``."""
+    M, shape = _to_matrix(G, call)
+    u = _preference(pref, M, shape, call)
+    _check_eps(norm_eps, reg_eps, call)
+    _check_positive_int(max_iters, call, "max_iters")
+    return M, u, shape
+
+
 def _check_eps(norm_eps: float, reg_eps: float, call: str) -> None:
     if norm_eps < 0.0 or reg_eps <= 0.0:
         raise ValueError(
@@ -68,11 +79,7 @@ def upgrad(
         >>> upgrad(J @ J.T)
         tensor([1.1109, 0.7894])
     """
-    call = "upgrad(G)"
-    M, shape = _to_matrix(G, call)
-    u = _preference(pref, M, shape, call)
-    _check_eps(norm_eps, reg_eps, call)
-    _check_positive_int(max_iters, call, "max_iters")
+    M, u, shape = _prepare(G, pref, norm_eps, reg_eps, max_iters, "upgrad(G)")
     V = _project_weights(
         torch.diag(u), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
@@ -116,11 +123,7 @@ def dualproj(
         >>> dualproj(J @ J.T)
         tensor([0.6109, 0.5000])
     """
-    call = "dualproj(G)"
-    M, shape = _to_matrix(G, call)
-    u = _preference(pref, M, shape, call)
-    _check_eps(norm_eps, reg_eps, call)
-    _check_positive_int(max_iters, call, "max_iters")
+    M, u, shape = _prepare(G, pref, norm_eps, reg_eps, max_iters, "dualproj(G)")
     v = _project_weights(
         u.unsqueeze(0), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
