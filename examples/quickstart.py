@@ -12,6 +12,10 @@ from torch.func import functional_call
 import torchgram
 
 
+def _table(matrix: torch.Tensor) -> str:
+    return "\n".join(" ".join(f"{value:7.3f}" for value in row.tolist()) for row in matrix)
+
+
 def main() -> torch.Tensor:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -26,13 +30,12 @@ def main() -> torch.Tensor:
     norms = G.diagonal().sqrt()  # per-sample gradient norms
     cosine = G / (norms[:, None] * norms[None, :])  # cosine similarity between sample gradients
 
-    torch.set_printoptions(precision=3, sci_mode=False)
     print("Gramian G = J Jᵀ of the per-sample losses, [B, B]:")
-    print(G)
+    print(_table(G))
     print("\nper-sample gradient norms sqrt(diag G):")
-    print(norms)
+    print(_table(norms[None]))
     print("\ncosine similarity between per-sample gradients:")
-    print(cosine)
+    print(_table(cosine))
     conflicts = (cosine < 0).sum().item() // 2
     print(
         f"\n{conflicts} of {6 * 5 // 2} pairs of samples have conflicting gradients (cosine < 0)."

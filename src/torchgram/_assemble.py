@@ -4,7 +4,8 @@ The gradient of one leaf is the sum of its uses' gradients, each on a region of 
 whole leaf, or a view such as one chunk of a packed projection). For each leaf:
 
 1. factors on the same region are summed: linear factors by joining their tokens (the ghost form
-   then holds all cross terms), others by materialising;
+   then holds all cross terms; an embedding joins as a linear map of one-hot tokens, e.g. with a
+   tied output head), others by materialising;
 2. regions that never share an element contribute the sum of their own Gramians;
 3. otherwise every region is materialised into the leaf and the Gramian is taken there.
 """
@@ -15,13 +16,17 @@ from collections.abc import Sequence
 
 import torch
 
-from torchgram._factors import Dense, Factor, Linear, dense_gramian
+from torchgram._factors import DEFAULT_CHUNK_BYTES, Dense, Factor, Linear, dense_gramian
+from torchgram._factors_embedding import Embedding
 
 Tensor = torch.Tensor
 
 
 def gramian_of_factors(
-    contributions: Sequence[tuple[int, Factor]], leaves: Sequence[Tensor], rows: int
+    contributions: Sequence[tuple[int, Factor]],
+    leaves: Sequence[Tensor],
+    rows: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tensor:
     """Sum over leaves of the Gramian of each leaf's total per-row gradient.
 
@@ -29,6 +34,7 @@ def gramian_of_factors(
         contributions: ``(leaf position, factor)`` for every parameter argument of every use.
         leaves: The flattened parameter leaves.
         rows: ``K * B``.
+        chunk_bytes: Largest intermediate a factor may build at once.
 
     Returns:
         ``[rows, rows]``.
@@ -38,7 +44,7 @@ def gramian_of_factors(
         by_leaf.setdefault(leaf, []).append(factor)
     total: Tensor | None = None
     for leaf, factors in by_leaf.items():
-        part = _leaf_gramian(factors, leaves[leaf].shape)
+        part = _leaf_gramian(factors, leaves[leaf].shape, chunk_bytes)
         total = part if total is None else total + part
     if total is None:
         reference = leaves[0]
@@ -72,18 +78,20 @@ def weighted_gradients(
     return grads
 
 
-def _leaf_gramian(factors: list[Factor], shape: torch.Size) -> Tensor:
+def _leaf_gramian(factors: list[Factor], shape: torch.Size, chunk_bytes: int) -> Tensor:
     regions = _group_by_region(factors, shape)
     if len(regions) == 1 and regions[0][0] is None:
-        return _region_sum(regions[0][1]).gramian()
+        return _region_sum(regions[0][1], shape).gramian(chunk_bytes)
     numel = shape.numel()
     indices = [_index(index, shape) for index, _ in regions]
     counts = torch.bincount(torch.cat([index.reshape(-1) for index in indices]), minlength=numel)
-    summed = [_region_sum(group) for _, group in regions]
+    summed = [
+        _region_sum(group, index.shape) for (_, group), index in zip(regions, indices, strict=True)
+    ]
     if int(counts.max()) <= 1:  # regions are disjoint and none repeats an element
-        return sum((factor.gramian() for factor in summed[1:]), summed[0].gramian())
+        return torch.stack([factor.gramian(chunk_bytes) for factor in summed]).sum(0)
     flat = [
-        _scatter(factor.materialise(), index, numel)
+        _scatter(factor.materialise(chunk_bytes), index, numel)
         for factor, index in zip(summed, indices, strict=False)
     ]
     return dense_gramian(sum(flat[1:], flat[0]))
@@ -118,18 +126,28 @@ def _group_by_region(
     return regions
 
 
-def _region_sum(group: list[Factor]) -> Factor:
-    """One factor whose gradients are the sum of the group's (all on the same region)."""
+def _region_sum(group: list[Factor], shape: torch.Size) -> Factor:
+    """One factor whose gradients are the sum of the group's (all on one region of ``shape``)."""
     if len(group) == 1:
         return group[0]
     index = group[0].index
-    if all(isinstance(factor, Linear) for factor in group):
-        linear = [factor for factor in group if isinstance(factor, Linear)]
-        A = torch.cat([factor.A for factor in linear], dim=1)
-        D = torch.cat([factor.D for factor in linear], dim=2)
+    linear = [_as_linear(factor) for factor in group]
+    if all(factor is not None for factor in linear):
+        A = torch.cat([factor.A for factor in linear if factor is not None], dim=1)
+        D = torch.cat([factor.D for factor in linear if factor is not None], dim=2)
         return Linear(index, A, D)
     grads = [factor.materialise() for factor in group]
-    return Dense(index, sum(grads[1:], grads[0]))
+    rows = grads[0].shape[:2]
+    return Dense(
+        index, sum((g.reshape(*rows, *shape) for g in grads[1:]), grads[0].reshape(*rows, *shape))
+    )
+
+
+def _as_linear(factor: Factor) -> Linear | None:
+    """The factor as a Linear one if it is one, or an embedding with one row per sample."""
+    if isinstance(factor, Embedding) and factor.D.shape[0] == 1:
+        return factor.as_linear()
+    return factor if isinstance(factor, Linear) else None
 
 
 def _scatter(g: Tensor, index: Tensor, numel: int) -> Tensor:

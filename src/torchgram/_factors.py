@@ -7,15 +7,40 @@ flattened as ``k * B + i``. Every factor describes the gradients ``g[k, i]`` of 
 - :class:`Linear`: ``g[k, i] = sum_t D[k, i, t]ᵀ A[i, t]`` (a linear map used on T tokens). Its
   Gramian has a ghost form that never builds ``g`` and a materialised form; the cheaper one is used.
 - :class:`Dense`: ``g`` itself, ``[K, B, *region]``.
+- :class:`torchgram._factors_conv.Conv` and :class:`torchgram._factors_embedding.Embedding`: the
+  same idea for convolutions (unfolded patches, per group) and embeddings (token equality).
+
+Every ``gramian`` takes ``chunk_bytes``: the largest intermediate it may build at once (blocks of
+the ``[B, T, B, T]`` ghost products, per-sample gradients); work is split into chunks beyond it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 Tensor = torch.Tensor
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class Factor(Protocol):
+    """What the assembly needs from a factor (see the module docstring)."""
+
+    @property
+    def index(self) -> Tensor | None: ...
+
+    def transposed(self, index: Tensor) -> Factor: ...
+
+    def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor: ...
+
+    def weighted(self, weights: Tensor) -> Tensor: ...
+
+    def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -42,20 +67,20 @@ class Linear:
             return Linear(index, self.D[0], self.A.unsqueeze(0))
         return Dense(index, self.materialise().transpose(-1, -2))
 
-    def materialise(self) -> Tensor:
+    def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         """The per-sample gradients ``[K, B, d_out, d_in]``."""
         return torch.einsum("kbte,btd->kbed", self.D, self.A)
 
     def weighted(self, weights: Tensor) -> Tensor:
         """``sum_ki weights[k, i] g[k, i]``, ``[d_out, d_in]``, without forming ``g``."""
         D = torch.einsum("kb,kbte->bte", weights, self.D)
-        return torch.einsum("bte,btd->ed", D, self.A)
+        return D.reshape(-1, D.shape[-1]).T @ self.A.reshape(-1, self.A.shape[-1])
 
-    def gramian(self) -> Tensor:
+    def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         """``[K*B, K*B]`` Gramian of the gradients, in the cheaper of the two forms."""
-        if ghost_cost(self.A.shape, self.D.shape) <= materialised_cost(self.A.shape, self.D.shape):
-            return ghost_gramian(self.A, self.D)
-        return dense_gramian(self.materialise())
+        if use_ghost(self.A.shape, self.D.shape):
+            return ghost_gramian(self.A, self.D, chunk_bytes)
+        return materialised_gramian(self.A, self.D, chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -68,39 +93,46 @@ class Dense:
     def transposed(self, index: Tensor) -> Dense:
         return Dense(index, self.g.transpose(-1, -2))
 
-    def materialise(self) -> Tensor:
+    def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         return self.g
 
     def weighted(self, weights: Tensor) -> Tensor:
         return torch.tensordot(weights, self.g, dims=2)
 
-    def gramian(self) -> Tensor:
+    def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         return dense_gramian(self.g)
-
-
-Factor = Linear | Dense
 
 
 def ghost_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
     """Multiply-adds of :func:`ghost_gramian` for activations ``[B, T, d_in]``."""
-    K, B, T, d_out = d_shape
+    K, B, T, d_out = d_shape[:4]
     d_in = a_shape[-1]
-    return B * B * T * T * (d_in + K * K * d_out)
+    return B * B * T * T * (d_in + K * K * d_out + K * K)
 
 
 def materialised_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
     """Multiply-adds of building per-sample gradients, then their Gramian."""
-    K, B, T, d_out = d_shape
+    K, B, T, d_out = d_shape[:4]
     d_in = a_shape[-1]
     return K * B * T * d_in * d_out + (K * B) ** 2 * d_in * d_out
 
 
-def ghost_gramian(A: Tensor, D: Tensor) -> Tensor:
+def use_ghost(a_shape: torch.Size, d_shape: torch.Size) -> bool:
+    """Whether the ghost form is the cheaper one (T = 1 always is: no per-sample gradient)."""
+    return d_shape[2] == 1 or ghost_cost(a_shape, d_shape) <= materialised_cost(a_shape, d_shape)
+
+
+def _rows_per_chunk(bytes_per_row: int, chunk_bytes: int, rows: int) -> int:
+    return max(1, min(rows, chunk_bytes // max(bytes_per_row, 1)))
+
+
+def ghost_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
     """``G[(k,i),(l,j)] = sum_ts <A[i,t], A[j,s]> <D[k,i,t], D[l,j,s]>`` without per-sample grads.
 
     Args:
         A: ``[B, T, d_in]``.
         D: ``[K, B, T, d_out]``.
+        chunk_bytes: Largest block of ``[K, b, T, K, b, T]`` products built at once.
 
     Returns:
         ``[K*B, K*B]``.
@@ -110,11 +142,69 @@ def ghost_gramian(A: Tensor, D: Tensor) -> Tensor:
         a = A[:, 0]
         d = D[:, :, 0].reshape(K * B, -1)
         return (d @ d.T) * (a @ a.T).repeat(K, K)
-    a = A.reshape(B * T, -1)
-    d = D.reshape(K * B * T, -1)
-    aa = (a @ a.T).view(1, B, T, 1, B, T)
-    dd = (d @ d.T).view(K, B, T, K, B, T)
-    return (aa * dd).sum(dim=(2, 5)).reshape(K * B, K * B)
+
+    def similarity(i: slice, j: slice) -> Tensor:
+        return A[i].reshape(-1, A.shape[-1]) @ A[j].reshape(-1, A.shape[-1]).T
+
+    return ghost_from_similarity(similarity, D, chunk_bytes)
+
+
+def ghost_from_similarity(
+    similarity: Callable[[slice, slice], Tensor], D: Tensor, chunk_bytes: int
+) -> Tensor:
+    """``G[(k,i),(l,j)] = sum_ts S[i,t,j,s] <D[k,i,t], D[l,j,s]>``, by blocks of samples.
+
+    Args:
+        similarity: ``(samples i, samples j) -> S [b_i*T, b_j*T]`` for two slices of samples
+            (``<A[i,t], A[j,s]>`` for a linear map, token equality for an embedding).
+        D: ``[K, B, T, d_out]``.
+        chunk_bytes: Largest block of ``[K, b, T, K, b, T]`` products built at once.
+
+    Returns:
+        ``[K*B, K*B]``.
+    """
+    K, B, T, _ = D.shape
+    per_pair = 2 * K * K * T * T * D.element_size()
+    block = max(1, min(B, math.isqrt(max(chunk_bytes // per_pair, 1))))
+    if block >= B:
+        whole = slice(0, B)
+        return _ghost_block(similarity(whole, whole), D, D).reshape(K * B, K * B)
+    G = D.new_empty(K, B, K, B)
+    for i in range(0, B, block):
+        for j in range(i, B, block):
+            rows, cols = slice(i, i + block), slice(j, j + block)
+            part = _ghost_block(similarity(rows, cols), D[:, rows], D[:, cols])
+            G[:, rows, :, cols] = part
+            if j != i:  # the Gramian is symmetric: the mirrored block comes for free
+                G[:, cols, :, rows] = part.permute(2, 3, 0, 1)
+    return G.reshape(K * B, K * B)
+
+
+def _ghost_block(similarity: Tensor, D_i: Tensor, D_j: Tensor) -> Tensor:
+    """``[K, b_i, K, b_j]`` block of a ghost Gramian."""
+    K, b_i, T, _ = D_i.shape
+    b_j = D_j.shape[1]
+    dd = D_i.reshape(K * b_i * T, -1) @ D_j.reshape(K * b_j * T, -1).T
+    products = dd.view(K, b_i, T, K, b_j, T) * similarity.view(1, b_i, T, 1, b_j, T)
+    return products.sum(dim=(2, 5))
+
+
+def materialised_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+    """The Gramian of per-sample gradients ``D[k, i]ᵀ A[i]``, built a block of rows of g at a time.
+
+    The gradients are split along ``d_out``: each block ``[K, B, e, d_in]`` of them adds its own
+    Gramian, so no more than ``chunk_bytes`` of gradients exist at once and no work is repeated.
+    """
+    K, B, _, d_out = D.shape
+    per_row = K * B * A.shape[-1] * A.element_size()
+    step = _rows_per_chunk(per_row, chunk_bytes, d_out)
+    G: Tensor | None = None
+    for start in range(0, d_out, step):
+        g = torch.einsum("kbte,btd->kbed", D[..., start : start + step], A)
+        part = dense_gramian(g)
+        G = part if G is None else G + part
+    assert G is not None
+    return G
 
 
 def dense_gramian(g: Tensor) -> Tensor:

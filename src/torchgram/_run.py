@@ -13,6 +13,7 @@ gives the cotangents ``[K, B, ...]`` of every use's output. Parameter gradients 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from torch.func import vjp, vmap
 
 from torchgram._assemble import gramian_of_factors, weighted_gradients
-from torchgram._factors import Factor
+from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
 from torchgram._pytree import Inputs
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
@@ -44,6 +45,7 @@ class Linearised:
         cotangents: For each tapped output, ``[K, B, ...]``.
         params: The flattened parameter leaves.
         batch_dim: Where the samples lie in ``out``, or None (then ``B = 1``).
+        chunk_bytes: Largest intermediate the rules may build at once (see ``Options``).
     """
 
     out: Tensor
@@ -53,6 +55,7 @@ class Linearised:
     cotangents: list[Tensor]
     params: tuple[Tensor, ...]
     batch_dim: int | None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     @functools.cached_property
     def contributions(self) -> list[tuple[int, Factor]]:
@@ -65,7 +68,9 @@ class Linearised:
 
     def gramian(self) -> Tensor:
         """The generalized Gramian ``S + S[::-1]``."""
-        flat = gramian_of_factors(self.contributions, self.params, self.out.numel())
+        flat = gramian_of_factors(
+            self.contributions, self.params, self.out.numel(), self.chunk_bytes
+        )
         return generalize(flat, self.out.shape, self.batch_dim)
 
     def vjp(self, weights: Tensor) -> list[Tensor]:
@@ -79,12 +84,17 @@ class Linearised:
 
 @dataclass(frozen=True)
 class Options:
-    """The keyword options of a transform, checked once."""
+    """The keyword options of a transform, checked once.
+
+    ``chunk_bytes`` bounds the largest intermediate the rules build at once (blocks of ghost
+    products, per-sample gradients, unfolded patches): the public ``max_chunk_bytes``.
+    """
 
     batch_dim: int | None
     has_aux: bool
     check_samples: bool
     caller: str
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
 def linearise(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
@@ -195,6 +205,7 @@ def _linearise_whole(fn: Callable[..., Any], inputs: Inputs, options: Options) -
         [c.unsqueeze(1) for c in cotangents],
         inputs.params,
         None,
+        options.chunk_bytes,
     )
 
 
@@ -269,7 +280,8 @@ def _vmapped(
     def run(data: list[Any], taps: tuple[Tensor, ...] | None):
         one = [x if d is None else x.unsqueeze(d + 1) for x, d in zip(data, dims, strict=True)]
         in_dims = (None if taps is None else 0, dims)
-        out, records, aux_tensors = vmap(per_sample, in_dims, randomness="different")(taps, one)
+        with _batchable_attention():
+            out, records, aux_tensors = vmap(per_sample, in_dims, randomness="different")(taps, one)
         b = _check_output(out.shape[1:], options)
         spec, leaves = aux_parts
         stacked = iter(
@@ -279,6 +291,16 @@ def _vmapped(
         return _merge(out, b), records, optree.tree_unflatten(spec, leaves), b
 
     return run
+
+
+def _batchable_attention() -> contextlib.AbstractContextManager[Any]:
+    """The math kernel of scaled_dot_product_attention: the fused CPU kernels have no vmap
+    batching rule, and vmap's fallback would loop over the samples (about 4x slower)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _under_vmap() -> bool:
@@ -340,4 +362,6 @@ def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Optio
     aux = box.unpack(aux)
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = _pull_back(pullback, out, per_sample) if taps else []
-    return Linearised(out, aux, tape.uses, list(records), cotangents, inputs.params, b)
+    return Linearised(
+        out, aux, tape.uses, list(records), cotangents, inputs.params, b, options.chunk_bytes
+    )

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from torchgram._factors import DEFAULT_CHUNK_BYTES
 from torchgram._pytree import InDims, normalize_argnums, split_inputs
 from torchgram._run import Options, linearise
 
@@ -15,7 +16,12 @@ Tensor = torch.Tensor
 
 
 def _options(
-    fn: Callable[..., Any], caller: str, batch_dim: Any, has_aux: Any, check_samples: Any
+    fn: Callable[..., Any],
+    caller: str,
+    batch_dim: Any,
+    has_aux: Any,
+    check_samples: Any,
+    max_chunk_bytes: Any = DEFAULT_CHUNK_BYTES,
 ) -> Options:
     if not callable(fn):
         raise TypeError(f"{caller}: fn must be callable, got {type(fn).__name__}.")
@@ -26,7 +32,16 @@ def _options(
         )
     if not isinstance(has_aux, bool):
         raise TypeError(f"{caller}: has_aux must be a bool, got {has_aux!r}.")
-    return Options(batch_dim, has_aux, bool(check_samples), caller)
+    if (
+        not isinstance(max_chunk_bytes, int)
+        or isinstance(max_chunk_bytes, bool)
+        or max_chunk_bytes <= 0
+    ):
+        raise ValueError(
+            f"{caller}: max_chunk_bytes must be a positive int (the largest intermediate, in "
+            f"bytes, built at once), got {max_chunk_bytes!r}. Pass e.g. 2**26 (64 MiB)."
+        )
+    return Options(batch_dim, has_aux, bool(check_samples), caller, max_chunk_bytes)
 
 
 def gramian_of(
@@ -37,6 +52,7 @@ def gramian_of(
     in_dims: InDims = 0,
     has_aux: bool = False,
     check_samples: bool = True,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Callable[..., Any]:
     """Transform ``fn`` into a function that returns the Gramian of its Jacobian.
 
@@ -72,6 +88,10 @@ def gramian_of(
             sample equals fn run on them as a batch, and raise if not (ops that mix samples
             would otherwise give a wrong Gramian). Skipped when fn uses randomness or runs
             under an outer ``vmap``.
+        max_chunk_bytes: The largest intermediate, in bytes, that the per-op rules build at
+            once (blocks of ``[B, T, B, T]`` ghost products, per-sample gradients, unfolded
+            convolution patches); larger work is split into chunks. Bounds peak memory, not
+            the result. Default 64 MiB.
 
     Returns:
         A function with fn's positional arguments returning the Gramian (and aux).
@@ -89,7 +109,7 @@ def gramian_of(
         True
     """
     caller = f"gramian_of(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples)
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
     numbers = normalize_argnums(argnums, caller)
 
     @functools.wraps(fn)
@@ -110,6 +130,7 @@ def gramian(
     in_dims: InDims = 0,
     has_aux: bool = False,
     check_samples: bool = True,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Any:
     """The Gramian of the Jacobian of ``fn(params, *args)`` with respect to ``params``.
 
@@ -135,6 +156,7 @@ def gramian(
         in_dims=in_dims,
         has_aux=has_aux,
         check_samples=check_samples,
+        max_chunk_bytes=max_chunk_bytes,
     )
     return transform(params, *args)
 
@@ -147,6 +169,7 @@ def vjp_and_gramian(
     in_dims: InDims = 0,
     has_aux: bool = False,
     check_samples: bool = True,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Any:
     """fn's output, a vjp function and the Gramian, from one run of ``fn``.
 
@@ -157,7 +180,8 @@ def vjp_and_gramian(
     one step of Jacobian descent: ``vjp_fn(weighting(G))``.
 
     Args:
-        fn, params, args, batch_dim, in_dims, has_aux, check_samples: As for :func:`gramian`.
+        fn, params, args, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes: As for
+            :func:`gramian`.
 
     Returns:
         ``(out, vjp_fn, G)``, and ``aux`` last with ``has_aux``.
@@ -173,7 +197,7 @@ def vjp_and_gramian(
         True
     """
     caller = f"vjp_and_gramian(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples)
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
     inputs = split_inputs((params, *args), (0,), in_dims, caller)
     run = linearise(fn, inputs, options)
     out = run.out
@@ -201,6 +225,7 @@ def jd_grad(
     in_dims: InDims = 0,
     has_aux: bool = False,
     check_samples: bool = True,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Callable[..., Any]:
     """Transform ``fn`` into a function that returns its Jacobian-descent direction.
 
@@ -213,7 +238,8 @@ def jd_grad(
         fn: As for :func:`gramian_of`.
         weighting: A function from a (generalized) Gramian to weights shaped like the output,
             e.g. ``torchgram.weightings.upgrad`` or a ``functools.partial`` of one.
-        argnums, batch_dim, in_dims, has_aux, check_samples: As for :func:`gramian_of`.
+        argnums, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes: As for
+            :func:`gramian_of`.
 
     Returns:
         A function with fn's positional arguments returning the direction (and aux).
@@ -227,7 +253,7 @@ def jd_grad(
         torch.Size([3])
     """
     caller = f"jd_grad(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples)
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
     numbers = normalize_argnums(argnums, caller)
     if not callable(weighting):
         raise TypeError(

@@ -1,0 +1,93 @@
+"""Embedding tables: a linear map from one-hot tokens, without ever building the one-hot vectors.
+
+Sample i looks up the rows ``tokens[i, t]`` of a ``[V, d]`` table, so its gradient adds the output
+cotangent ``D[k, i, t]`` into row ``tokens[i, t]`` (cotangents at the padding index are zeroed:
+that row gets no gradient). Two forms of the Gramian:
+
+- ghost: ``G[(k,i),(l,j)] = sum_ts [tokens[i,t] == tokens[j,s]] <D[k,i,t], D[l,j,s]>``;
+- compact: the per-sample gradients on the U distinct tokens of the batch only, ``[K, B, U, d]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from torchgram._factors import (
+    DEFAULT_CHUNK_BYTES,
+    Dense,
+    Factor,
+    Linear,
+    dense_gramian,
+    ghost_from_similarity,
+)
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Per-sample gradients of an embedding table.
+
+    Attributes:
+        index: Flat leaf positions of the ``[V, d]`` region, or None for the whole leaf.
+        tokens: ``[B, T]`` integer tokens.
+        D: Output cotangents ``[K, B, T, d]``, zero where the token is the padding index.
+        rows: V, the number of rows of the table.
+    """
+
+    index: Tensor | None
+    tokens: Tensor
+    D: Tensor
+    rows: int
+
+    def _compact(self) -> tuple[Tensor, int]:
+        """Per-sample gradients on the distinct tokens: ``[K, B, U, d]``, and U."""
+        K, B, T, d = self.D.shape
+        distinct, inverse = torch.unique(self.tokens, return_inverse=True)
+        U = distinct.numel()
+        slots = (inverse + U * torch.arange(B, device=inverse.device).unsqueeze(1)).reshape(-1)
+        g = self.D.new_zeros(K, B * U, d).index_add_(1, slots, self.D.reshape(K, B * T, d))
+        return g.view(K, B, U, d), U
+
+    def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+        """Per-sample gradients ``[K, B, V, d]``."""
+        K, B, T, d = self.D.shape
+        slots = (
+            self.tokens + self.rows * torch.arange(B, device=self.tokens.device)[:, None]
+        ).reshape(-1)
+        g = self.D.new_zeros(K, B * self.rows, d)
+        return g.index_add_(1, slots, self.D.reshape(K, B * T, d)).view(K, B, self.rows, d)
+
+    def weighted(self, weights: Tensor) -> Tensor:
+        """``sum_ki weights[k, i] g[k, i]``, ``[V, d]``."""
+        D = torch.einsum("kb,kbtd->btd", weights, self.D)
+        table = D.new_zeros(self.rows, D.shape[-1])
+        return table.index_add_(0, self.tokens.reshape(-1), D.reshape(-1, D.shape[-1]))
+
+    def transposed(self, index: Tensor) -> Factor:
+        return Dense(index, self.materialise().transpose(-1, -2))
+
+    def as_linear(self) -> Linear:
+        """The same gradients as a linear map of one-hot tokens (one output row per sample).
+
+        Used to join an embedding with another linear use of the same table (a tied output head):
+        the joined ghost form then holds their cross terms.
+        """
+        one_hot = torch.nn.functional.one_hot(self.tokens, self.rows).to(self.D.dtype)
+        return Linear(self.index, self.D[0], one_hot.unsqueeze(0))
+
+    def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+        """``[K*B, K*B]``, in the cheaper of the ghost and compact forms."""
+        K, B, T, d = self.D.shape
+        distinct = min(B * T, self.rows)  # an upper bound on U, known without a sync
+        if B * B * T * T * (1 + K * K * d) < K * B * T * d + (K * B) ** 2 * distinct * d:
+            tokens = self.tokens
+
+            def similarity(i: slice, j: slice) -> Tensor:
+                return (tokens[i].reshape(-1, 1) == tokens[j].reshape(1, -1)).to(self.D.dtype)
+
+            return ghost_from_similarity(similarity, self.D, chunk_bytes)
+        g, _ = self._compact()
+        return dense_gramian(g)

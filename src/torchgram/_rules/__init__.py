@@ -1,0 +1,75 @@
+"""Per-use rules: a recorded use, its inputs and its output cotangents -> gradient factors.
+
+Each rule returns ``(leaf, factor)`` pairs, one per parameter argument of the use, or None when the
+use does not have the shape it knows (e.g. ``linear`` whose input is itself a parameter); then the
+generic rule, exact for every op, takes over. One module per family of ops:
+
+- :mod:`.linear`: ``linear``, ``matmul``/``mm``/``@``, ``einsum``;
+- :mod:`.conv`: ``conv1d``/``conv2d``/``conv3d``;
+- :mod:`.embedding`: ``embedding``;
+- :mod:`.norm`: ``layer_norm``, ``group_norm``, ``rms_norm`` affine parameters;
+- :mod:`.elementwise`: ``mul``/``add``/``sub``/``div`` with a broadcast parameter;
+- :mod:`.generic`: everything else (the per-op per-sample vjp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from torchgram._rules import conv, elementwise, embedding, linear, norm
+from torchgram._rules.common import Contribution, Rule
+from torchgram._rules.generic import generic_factors
+from torchgram._tape import Use
+
+Tensor = torch.Tensor
+
+RULES: dict[str, Rule] = {
+    **linear.RULES,
+    **conv.RULES,
+    **embedding.RULES,
+    **norm.RULES,
+    **elementwise.RULES,
+}
+
+__all__ = ["RULES", "generic_factors", "rule_names", "use_factors"]
+
+
+def use_factors(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution]:
+    """The gradient factors of every parameter argument of ``use``.
+
+    Args:
+        use: The recorded use.
+        records: All recorded data tensors, each ``[B, ...]`` (per-sample shape after B).
+        cotangents: The cotangents of this use's tapped outputs, each ``[K, B, *out_shape]``.
+    """
+    return _factors_and_rule(use, records, cotangents)[0]
+
+
+def rule_names(
+    uses: Sequence[Use], records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[tuple[str, str]]:
+    """``(op name, rule)`` for every use, the rule being the op's name or ``"generic"``.
+
+    A debugging aid (and what the tests use to check that common layers take a fast rule):
+    ``cotangents`` are all the tapped outputs' cotangents, as in ``Linearised``.
+    """
+    names = []
+    for use in uses:
+        mine = cotangents[use.first_tap : use.first_tap + len(use.tapped)]
+        names.append((use.name, _factors_and_rule(use, records, mine)[1]))
+    return names
+
+
+def _factors_and_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> tuple[list[Contribution], str]:
+    rule = RULES.get(use.name)
+    if rule is not None:
+        factors = rule(use, records, cotangents)
+        if factors is not None:
+            return factors, use.name
+    return generic_factors(use, records, cotangents), "generic"

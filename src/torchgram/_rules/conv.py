@@ -1,0 +1,80 @@
+"""Convolutions ``conv1d``/``conv2d``/``conv3d``: the linear rule on unfolded patches, per group.
+
+Padding given to the op (numbers, ``'same'``, ``'valid'``) is applied to the recorded input here;
+other padding modes reach the op already padded (``F.pad`` runs before it), so every stride,
+dilation and group count is one :class:`~torchgram._factors_conv.Conv` factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from torchgram._factors import Dense
+from torchgram._factors_conv import Conv
+from torchgram._rules.common import Contribution, Rule, argument
+from torchgram._tape import DataRef, ParamView, Use
+
+Tensor = torch.Tensor
+
+
+def _per_dim(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    values = tuple(int(v) for v in value)
+    return values * n if len(values) == 1 else values
+
+
+def _padding(value: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    """``F.pad`` amounts (last dimension first) for a conv's ``padding`` argument."""
+    n = len(kernel)
+    if value == "valid":
+        pairs = [(0, 0)] * n
+    elif value == "same":  # as torch does it: the odd element of the total goes on the right
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        pairs = [(total // 2, total - total // 2) for total in totals]
+    else:
+        pairs = [(p, p) for p in _per_dim(value, n)]
+    return [amount for pair in reversed(pairs) for amount in pair]
+
+
+def conv_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``convNd(x, W, b, stride, padding, dilation, groups)`` with data ``x`` and parameter W."""
+    args, kwargs = use.arguments()
+    x_ref = argument(args, kwargs, 0, "input")
+    weight = argument(args, kwargs, 1, "weight")
+    bias = argument(args, kwargs, 2, "bias")
+    if not (isinstance(x_ref, DataRef) and isinstance(weight, ParamView)):
+        return None
+    if bias is not None and not isinstance(bias, ParamView):
+        return None
+    n = weight.tensor.dim() - 2
+    kernel = tuple(weight.tensor.shape[2:])
+    stride = _per_dim(argument(args, kwargs, 3, "stride") or 1, n)
+    dilation = _per_dim(argument(args, kwargs, 5, "dilation") or 1, n)
+    padding = _padding(argument(args, kwargs, 4, "padding") or 0, kernel, dilation)
+    groups = int(argument(args, kwargs, 6, "groups") or 1)
+    (cotangent,) = cotangents
+    K, B = cotangent.shape[:2]
+    x = records[x_ref.record]
+    if x.dim() == n + 2:  # one unbatched image per sample: a batch of one
+        x, cotangent = x.unsqueeze(1), cotangent.unsqueeze(2)
+    x = F.pad(x.flatten(0, 1), padding).unflatten(0, (B, -1)) if any(padding) else x
+    out_size = tuple(cotangent.shape[4:])
+    C_out = cotangent.shape[3]
+    # [K, B, N, C_out, *out] -> [K, B, N * L, G, C_out / G]: output positions are the tokens
+    D = cotangent.movedim(3, -1).reshape(K, B, -1, groups, C_out // groups)
+    factor = Conv(weight.index, x.movedim(2, -1), D, kernel, stride, dilation, out_size)
+    out: list[Contribution] = [(weight.leaf, factor)]
+    if bias is not None:
+        summed = cotangent.sum(dim=(2, *range(4, cotangent.dim())))
+        out.append((bias.leaf, Dense(bias.index, summed)))
+    return out
+
+
+RULES: dict[str, Rule] = {"conv1d": conv_rule, "conv2d": conv_rule, "conv3d": conv_rule}

@@ -1,0 +1,117 @@
+"""Linear maps with a parameter operand: ``linear``, ``matmul``/``mm``/``@`` and ``einsum``.
+
+``linear`` and matmul give :class:`~torchgram._factors.Linear` factors (ghost or materialised
+Gramian); views of a parameter (chunks of a packed projection, transposes) only change the
+factor's region. ``einsum`` gives the per-sample gradients directly, by one batched ``einsum``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from torchgram._factors import Dense, Linear
+from torchgram._rules.common import Contribution, Rule, argument, tokens, transposed_region
+from torchgram._tape import DataRef, ParamView, Use
+
+Tensor = torch.Tensor
+
+
+def linear_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``linear(x, W, b)``: a Linear factor for W, the summed cotangents for b."""
+    args, kwargs = use.arguments()
+    x = argument(args, kwargs, 0, "input")
+    weight = argument(args, kwargs, 1, "weight")
+    bias = argument(args, kwargs, 2, "bias")
+    if not (isinstance(x, DataRef) and isinstance(weight, ParamView)):
+        return None
+    if bias is not None and not isinstance(bias, ParamView):
+        return None
+    (cotangent,) = cotangents
+    K, B = cotangent.shape[:2]
+    D = cotangent.reshape(K, B, -1, cotangent.shape[-1])
+    out: list[Contribution] = [(weight.leaf, Linear(weight.index, tokens(records[x.record], B), D))]
+    if bias is not None:
+        out.append((bias.leaf, Dense(bias.index, D.sum(dim=2))))
+    return out
+
+
+def matmul_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``x @ W`` or ``W @ x`` with a 2-D parameter ``W``: a Linear factor (on ``W.T`` for x @ W)."""
+    args, kwargs = use.arguments()
+    left = argument(args, kwargs, 0, "input")
+    right = argument(args, kwargs, 1, "other")
+    (cotangent,) = cotangents
+    K, B = cotangent.shape[:2]
+    if isinstance(left, DataRef) and isinstance(right, ParamView) and right.tensor.dim() == 2:
+        x = records[left.record]
+        if x.dim() < 2:  # a per-sample scalar cannot be a matmul operand
+            return None
+        D = cotangent.reshape(K, B, -1, right.tensor.shape[1])
+        return [(right.leaf, Linear(transposed_region(right), tokens(x, B), D))]
+    if isinstance(left, ParamView) and isinstance(right, DataRef) and left.tensor.dim() == 2:
+        x = records[right.record]
+        if x.dim() == 2:  # W @ v with a vector per sample
+            A, D = x.unsqueeze(1), cotangent.reshape(K, B, 1, -1)
+        else:
+            A = tokens(x.transpose(-1, -2), B)
+            D = cotangent.transpose(-1, -2).reshape(K, B, -1, left.tensor.shape[0])
+        return [(left.leaf, Linear(left.index, A, D))]
+    return None
+
+
+def einsum_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``einsum`` with one parameter operand: its per-sample gradients by one batched einsum.
+
+    The gradient of an operand of an einsum is the einsum of the other operands and the output
+    cotangent onto the operand's subscripts; sample and row letters are added to batch it.
+    Equations with ``...``, repeated subscripts in an operand, or subscripts of the parameter
+    found nowhere else (a broadcast sum) are left to the generic rule.
+    """
+    args, kwargs = use.arguments()
+    if kwargs or not args or not isinstance(args[0], str):
+        return None
+    operands = list(args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
+    equation = args[0].replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    inputs, output = equation.split("->")
+    subscripts = inputs.split(",")
+    params = [i for i, op in enumerate(operands) if isinstance(op, ParamView)]
+    if len(params) != 1 or len(subscripts) != len(operands):
+        return None
+    if not all(isinstance(op, (ParamView, DataRef)) for op in operands):
+        return None
+    p = params[0]
+    others = [i for i in range(len(operands)) if i != p]
+    if any(len(set(s)) != len(s) for s in subscripts):
+        return None
+    if not set(subscripts[p]) <= set(output).union(*(subscripts[i] for i in others)):
+        return None
+    free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
+    row, sample = free[0], free[1]
+    terms = [sample + subscripts[i] for i in others] + [row + sample + output]
+    batched = ",".join(terms) + "->" + row + sample + subscripts[p]
+    (cotangent,) = cotangents
+    data = [records[operands[i].record] for i in others]
+    if any(x.dim() - 1 != len(subscripts[i]) for x, i in zip(data, others, strict=True)):
+        return None
+    g = torch.einsum(batched, *data, cotangent)
+    view: ParamView = operands[p]
+    return [(view.leaf, Dense(view.index, g))]
+
+
+RULES: dict[str, Rule] = {
+    "linear": linear_rule,
+    "matmul": matmul_rule,
+    "__matmul__": matmul_rule,
+    "mm": matmul_rule,
+    "einsum": einsum_rule,
+}

@@ -1,0 +1,53 @@
+"""The embedding rule: padding rows excluded, and exact cross terms with a tied output head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rule_check import check_exact, rule_counts
+
+from torchgram._factors_embedding import Embedding
+
+TOKENS = torch.tensor([[1, 2, 0, 3, 3], [0, 0, 5, 6, 1], [2, 2, 2, 4, 0]])
+
+
+def _table():
+    torch.manual_seed(0)
+    return {"table": torch.randn(7, 4, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 2])
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_embedding_matches_oracle_and_generic(monkeypatch, padding_idx, batch_dim) -> None:
+    def fn(params, tokens):
+        h = F.embedding(tokens, params["table"], padding_idx=padding_idx)
+        return torch.tanh(h).pow(2).sum((-1, -2))
+
+    check_exact(monkeypatch, fn, _table(), TOKENS, batch_dim=batch_dim)
+    assert rule_counts(fn, _table(), TOKENS) == {("embedding", "embedding"): 1}
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_tied_output_head(monkeypatch, rows) -> None:
+    def fn(params, tokens):
+        h = torch.tanh(F.embedding(tokens, params["table"], padding_idx=0))
+        logits = F.linear(h, params["table"])  # [B, T, V]: the same table as the output head
+        losses = logits.log_softmax(-1)[..., :rows].sum(-2)  # [B, rows]
+        return losses.squeeze(-1)
+
+    check_exact(monkeypatch, fn, _table(), TOKENS)
+
+
+def test_ghost_and_compact_forms_agree() -> None:
+    torch.manual_seed(0)
+    D = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    factor = Embedding(None, TOKENS, D, 7)
+    g = factor.materialise().reshape(6, -1)
+    compact, _ = factor._compact()
+    assert torch.allclose(compact.reshape(6, -1) @ compact.reshape(6, -1).T, g @ g.T)
+    # a big table makes the compact form the cheaper one, a small one the ghost form
+    big = Embedding(None, TOKENS, D, 10_000)
+    for f in (factor, big):
+        assert torch.allclose(f.gramian(), g @ g.T)
+        assert torch.allclose(f.gramian(chunk_bytes=1), g @ g.T)

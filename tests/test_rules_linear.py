@@ -1,0 +1,78 @@
+"""linear, matmul and einsum rules, views of parameters, and the ghost/materialised forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rule_check import check_exact, rule_counts
+from zoo import cases
+
+from torchgram._factors import Linear, dense_gramian, ghost_gramian, materialised_gramian
+
+CASES = cases()
+
+
+@pytest.mark.parametrize(
+    ("equation", "w_shape", "x_shape"),
+    [
+        ("ti,ij->tj", (4, 5), (2, 4)),
+        ("ij,tj->ti", (5, 4), (2, 4)),
+        ("i,ij->j", (4, 5), (4,)),
+        ("ti,hij->thj", (3, 4, 5), (2, 4)),
+        ("ti,j->tij", (5,), (2, 4)),
+    ],
+)
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_einsum_matches_oracle_and_generic(monkeypatch, equation, w_shape, x_shape, batch_dim):
+    torch.manual_seed(0)
+    params = {"w": torch.randn(*w_shape, dtype=torch.float64)}
+    x = torch.randn(3, *x_shape, dtype=torch.float64)
+
+    def fn(params, x):
+        return _einsum_loss(equation, x, params["w"])
+
+    check_exact(monkeypatch, fn, params, x, batch_dim=batch_dim)
+    if batch_dim == 0:
+        assert rule_counts(fn, params, x) == {("einsum", "einsum"): 1}
+
+
+def _einsum_loss(equation, x, w):
+    """The einsum on each sample's own operand (so the equation needs no batch subscript)."""
+    per_sample = torch.stack([torch.einsum(equation, xi, w) for xi in x.unbind(0)])
+    return torch.tanh(per_sample).pow(2).flatten(1).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["transformer", "mha_kdim_vdim", "tied_weights", "free_matmul"])
+def test_common_layers_take_fast_rules(name) -> None:
+    case = CASES[name]
+    counts = rule_counts(case.fn, case.params, *case.args)
+    assert not [op for op, rule in counts if rule == "generic"], counts
+
+
+def test_packed_projection_chunks(monkeypatch) -> None:
+    torch.manual_seed(0)
+    params = {"w": torch.randn(9, 4, dtype=torch.float64), "b": torch.randn(9, dtype=torch.float64)}
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+
+    def fn(params, x):
+        q, k, v = torch.nn.functional.linear(x, params["w"], params["b"]).chunk(3, dim=-1)
+        wq, wk, wv = params["w"].chunk(3)
+        bq, _, _ = params["b"].chunk(3)
+        extra = torch.nn.functional.linear(x, wq, bq) * torch.nn.functional.linear(x, wv.T.T)
+        return (q * k * v + extra).sum((-1, -2)) + (x @ wk.T).pow(2).sum((-1, -2))
+
+    check_exact(monkeypatch, fn, params, x)
+    counts = rule_counts(fn, params, x)
+    assert not [op for op, rule in counts if rule == "generic"], counts
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("chunk", [1, 200, 2**30])
+def test_ghost_and_materialised_forms_agree(rows, chunk) -> None:
+    torch.manual_seed(0)
+    A = torch.randn(5, 4, 6, dtype=torch.float64)
+    D = torch.randn(rows, 5, 4, 3, dtype=torch.float64)
+    expected = dense_gramian(Linear(None, A, D).materialise())
+    assert torch.allclose(ghost_gramian(A, D, chunk), expected)
+    assert torch.allclose(materialised_gramian(A, D, chunk), expected)
+    assert torch.allclose(Linear(None, A, D).gramian(chunk), expected)
