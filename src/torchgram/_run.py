@@ -2,10 +2,12 @@
 
 Two runs of ``fn``:
 
-1. a probe that only learns the shapes of the tapped outputs (with ``batch_dim``, on the first
-   two samples only, and it doubles as the check that samples are independent);
+1. a probe that only learns the shapes of the tapped outputs (with ``batch_dim``, on a batch of
+   one sample, which is what every vmapped call sees);
 2. the real run, under ``torch.func.vjp`` with respect to zero taps added to those outputs (with
    ``batch_dim``, under ``torch.func.vmap`` over the samples, each call seeing a batch of one).
+   Its first two samples are then compared with fn run on them as one batch, which catches ops
+   that mix samples.
 
 The vjp is then applied to one one-hot cotangent per non-batch output element (vmapped), which
 gives the cotangents ``[K, B, ...]`` of every use's output. Parameter gradients are never formed.
@@ -260,7 +262,7 @@ def _merge(stacked: Tensor, b: int) -> Tensor:
 
 def _vmapped(
     fn: Callable[..., Any], inputs: Inputs, options: Options, tape: Tape
-) -> Callable[[list[Any], tuple[Tensor, ...] | None], tuple[Tensor, tuple[Tensor, ...], Any, int]]:
+) -> Callable[[list[Any], tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...], Any, int]]:
     """fn over the samples, each call seeing a batch of one, under ``tape``.
 
     The returned function gives ``(out, records, aux, batch_dim)``: out ``S``, the records
@@ -269,7 +271,7 @@ def _vmapped(
     dims = list(inputs.dims)
     aux_parts: list[Any] = []
 
-    def per_sample(taps: tuple[Tensor, ...] | None, data: list[Any]) -> Any:
+    def per_sample(taps: tuple[Tensor, ...], data: list[Any]) -> Any:
         tape.taps = taps
         with tape:
             out, aux = _split(inputs.call(fn, data), options)
@@ -277,11 +279,12 @@ def _vmapped(
         aux_parts[:] = [spec, leaves]
         return out, tuple(tape.records), tuple(x for x in leaves if isinstance(x, Tensor))
 
-    def run(data: list[Any], taps: tuple[Tensor, ...] | None):
+    def run(data: list[Any], taps: tuple[Tensor, ...]):
         one = [x if d is None else x.unsqueeze(d + 1) for x, d in zip(data, dims, strict=True)]
-        in_dims = (None if taps is None else 0, dims)
         with _batchable_attention():
-            out, records, aux_tensors = vmap(per_sample, in_dims, randomness="different")(taps, one)
+            out, records, aux_tensors = vmap(per_sample, (0, dims), randomness="different")(
+                taps, one
+            )
         b = _check_output(out.shape[1:], options)
         spec, leaves = aux_parts
         stacked = iter(
@@ -337,17 +340,10 @@ def _check_samples(
 
 def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
     batch = _batch_size(inputs, options)
-    n = min(batch, 2)
-    probe_data = [
-        x if d is None else x.narrow(d, 0, n)
-        for x, d in zip(inputs.data, inputs.dims, strict=False)
-    ]
+    first = [x if d is None else x.narrow(d, 0, 1) for x, d in zip(inputs.data, inputs.dims)]
     probe = Tape(inputs.params, None, options.caller, per_sample=True)
-    with torch.no_grad():
-        out, _, _, b = _vmapped(fn, inputs, options, probe)(probe_data, None)
-    if options.check_samples and n == 2 and not probe.random and not _under_vmap():
-        with torch.no_grad():
-            _check_samples(fn, inputs, probe_data, out, options)
+    with torch.no_grad(), probe:  # a batch of one sample: what each vmapped call will see
+        _check_output(_split(inputs.call(fn, first), options)[0].shape, options)
     taps = _zero_taps(probe.tap_shapes, batch)
     tape = Tape(inputs.params, taps, options.caller, per_sample=True)
     run = _vmapped(fn, inputs, options, tape)
@@ -360,6 +356,11 @@ def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Optio
 
     (out, (records, aux)), pullback = _vjp(differentiable, taps)
     aux = box.unpack(aux)
+    b = options.batch_dim % out.dim()
+    if options.check_samples and batch >= 2 and not tape.random and not _under_vmap():
+        two = [x if d is None else x.narrow(d, 0, 2) for x, d in zip(inputs.data, inputs.dims)]
+        with torch.no_grad():
+            _check_samples(fn, inputs, two, out.detach().narrow(b, 0, 2), options)
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = _pull_back(pullback, out, per_sample) if taps else []
     return Linearised(
