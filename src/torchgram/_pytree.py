@@ -65,6 +65,12 @@ class Inputs:
         """A pytree shaped like the parameters (a tuple of them when argnums is a tuple)."""
         return optree.tree_unflatten(self.params_spec, list(leaves))
 
+    def first(self, n: int) -> list[Any]:
+        """The data leaves with only their first ``n`` samples."""
+        return [
+            x if d is None else x.narrow(d, 0, n) for x, d in zip(self.data, self.dims, strict=True)
+        ]
+
     def batched(self) -> list[int]:
         """Positions of the data leaves that hold samples."""
         return [i for i, dim in enumerate(self.dims) if dim is not None]

@@ -340,10 +340,9 @@ def _check_samples(
 
 def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
     batch = _batch_size(inputs, options)
-    first = [x if d is None else x.narrow(d, 0, 1) for x, d in zip(inputs.data, inputs.dims)]
     probe = Tape(inputs.params, None, options.caller, per_sample=True)
     with torch.no_grad(), probe:  # a batch of one sample: what each vmapped call will see
-        _check_output(_split(inputs.call(fn, first), options)[0].shape, options)
+        b = _check_output(_split(inputs.call(fn, inputs.first(1)), options)[0].shape, options)
     taps = _zero_taps(probe.tap_shapes, batch)
     tape = Tape(inputs.params, taps, options.caller, per_sample=True)
     run = _vmapped(fn, inputs, options, tape)
@@ -356,11 +355,9 @@ def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Optio
 
     (out, (records, aux)), pullback = _vjp(differentiable, taps)
     aux = box.unpack(aux)
-    b = options.batch_dim % out.dim()
     if options.check_samples and batch >= 2 and not tape.random and not _under_vmap():
-        two = [x if d is None else x.narrow(d, 0, 2) for x, d in zip(inputs.data, inputs.dims)]
         with torch.no_grad():
-            _check_samples(fn, inputs, two, out.detach().narrow(b, 0, 2), options)
+            _check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = _pull_back(pullback, out, per_sample) if taps else []
     return Linearised(
