@@ -220,3 +220,15 @@ def test_module_called_directly_with_its_own_parameters() -> None:
 
     detached = {k: v.detach() for k, v in params.items()}
     assert_close(G.detach(), flat_gramian(fn, detached, x))
+
+
+def test_in_dims_play_no_part_without_batch_dim() -> None:
+    w = torch.randn(3, dtype=torch.float64)
+    scale = torch.tensor(2.0, dtype=torch.float64)  # 0-D: no dim 0 to hold samples
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def fn(w, scale, x):
+        return torch.tanh(x @ w) * scale
+
+    G = torchgram.gramian(fn, w, scale, x)
+    assert_close(G, flat_gramian(fn, w, scale, x))

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES
-from torchgram._pytree import InDims, normalize_argnums, split_inputs
-from torchgram._run import Options, linearise
+from torchgram._pytree import InDims, Inputs, normalize_argnums, split_inputs
+from torchgram._run import Linearised, Options, linearise
 
 Tensor = torch.Tensor
 
@@ -42,6 +42,20 @@ def _options(
             f"bytes, built at once), got {max_chunk_bytes!r}. Pass e.g. 2**26 (64 MiB)."
         )
     return Options(batch_dim, has_aux, bool(check_samples), caller, max_chunk_bytes)
+
+
+def _linearise(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    argnums: tuple[int, ...],
+    in_dims: InDims,
+    options: Options,
+) -> tuple[Inputs, Linearised]:
+    """Split the arguments and run fn under the tape: what every transform starts with."""
+    if options.batch_dim is None:  # samples are not separated: in_dims play no part
+        in_dims = None
+    inputs = split_inputs(args, argnums, in_dims, options.caller)
+    return inputs, linearise(fn, inputs, options)
 
 
 def gramian_of(
@@ -114,8 +128,7 @@ def gramian_of(
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        inputs = split_inputs(args, numbers, in_dims, caller)
-        run = linearise(fn, inputs, options)
+        _, run = _linearise(fn, args, numbers, in_dims, options)
         G = run.gramian()
         return (G, run.aux) if has_aux else G
 
@@ -180,8 +193,14 @@ def vjp_and_gramian(
     one step of Jacobian descent: ``vjp_fn(weighting(G))``.
 
     Args:
-        fn, params, args, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes: As for
-            :func:`gramian`.
+        fn: ``fn(params, *args) -> out``, as for :func:`gramian_of`.
+        params: The parameters, any pytree of floating-point tensors.
+        *args: fn's other positional arguments.
+        batch_dim: As for :func:`gramian_of`.
+        in_dims: As for :func:`gramian_of`.
+        has_aux: As for :func:`gramian_of`.
+        check_samples: As for :func:`gramian_of`.
+        max_chunk_bytes: As for :func:`gramian_of`.
 
     Returns:
         ``(out, vjp_fn, G)``, and ``aux`` last with ``has_aux``.
@@ -198,8 +217,7 @@ def vjp_and_gramian(
     """
     caller = f"vjp_and_gramian(fn, batch_dim={batch_dim})"
     options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
-    inputs = split_inputs((params, *args), (0,), in_dims, caller)
-    run = linearise(fn, inputs, options)
+    inputs, run = _linearise(fn, (params, *args), (0,), in_dims, options)
     out = run.out
 
     def vjp_fn(weights: Tensor) -> Any:
@@ -238,8 +256,12 @@ def jd_grad(
         fn: As for :func:`gramian_of`.
         weighting: A function from a (generalized) Gramian to weights shaped like the output,
             e.g. ``torchgram.weightings.upgrad`` or a ``functools.partial`` of one.
-        argnums, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes: As for
-            :func:`gramian_of`.
+        argnums: As for :func:`gramian_of`.
+        batch_dim: As for :func:`gramian_of`.
+        in_dims: As for :func:`gramian_of`.
+        has_aux: As for :func:`gramian_of`.
+        check_samples: As for :func:`gramian_of`.
+        max_chunk_bytes: As for :func:`gramian_of`.
 
     Returns:
         A function with fn's positional arguments returning the direction (and aux).
@@ -263,8 +285,7 @@ def jd_grad(
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        inputs = split_inputs(args, numbers, in_dims, caller)
-        run = linearise(fn, inputs, options)
+        inputs, run = _linearise(fn, args, numbers, in_dims, options)
         weights = weighting(run.gramian())
         direction = inputs.unflatten_params(run.vjp(weights))
         return (direction, run.aux) if has_aux else direction
