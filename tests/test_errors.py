@@ -117,14 +117,22 @@ def _batchnorm_fn(track_running_stats=True):
 
 
 def test_batchnorm_in_training_mode_is_refused() -> None:
-    model, params, fn = _batchnorm_fn()
-    with pytest.raises(ValueError, match="batch_norm in training mode.*model.eval()"):
+    _, params, fn = _batchnorm_fn(track_running_stats=False)
+    with pytest.raises(ValueError, match=r"batch_norm in training mode.*model\.eval\(\)"):
         torchgram.gramian(fn, params, X, batch_dim=0)
 
 
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_running_statistics_update_is_refused_before_it_happens(batch_dim) -> None:
+    model, params, fn = _batchnorm_fn()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.raises(ValueError, match="changes in place a tensor it did not create.*eval"):
+        torchgram.gramian(fn, params, X, batch_dim=batch_dim)
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name])
+
+
 def test_batchnorm_in_training_mode_is_exact_without_batch_dim() -> None:
-    # torch.func refuses the in-place update of running statistics inside a transform
-    # (torch.func.replace_all_batch_norm_modules_ removes them), hence track_running_stats=False.
     model, params, fn = _batchnorm_fn(track_running_stats=False)
     G = torchgram.gramian(fn, params, X)
     reference = flat_gramian(fn, params, X)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,10 +182,40 @@ def _zero_taps(shapes: list[tuple[torch.Size, torch.dtype, torch.device]], batch
     )
 
 
+def _probe(
+    fn: Callable[..., Any], inputs: Inputs, data: Sequence[Any], options: Options
+) -> tuple[Tape, torch.Size]:
+    """Run fn once under a shape-only tape; return it and the output shape.
+
+    It runs inside a ``torch.func`` transform, like the real run, so that an in-place change of a
+    tensor fn did not create is refused here, before it happens, with an error that says why.
+    """
+    tape = Tape(inputs.params, None, options.caller, per_sample=options.batch_dim is not None)
+    shapes: list[torch.Size] = []
+
+    def run(unused: Tensor) -> Tensor:
+        with torch.no_grad(), tape:
+            shapes.append(_split(inputs.call(fn, data), options)[0].shape)
+        return unused
+
+    try:
+        vjp(run, torch.zeros(()))
+    except RuntimeError as error:
+        if "mutate a captured Tensor" not in str(error):
+            raise
+        raise ValueError(
+            f"{options.caller}: fn changes in place a tensor it did not create ({error}). "
+            "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
+            "cause is BatchNorm in training mode updating its running statistics: call "
+            "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
+            "(or track_running_stats=False) to normalise with batch statistics without "
+            "updating any (then with batch_dim=None, as batch statistics mix samples)."
+        ) from None
+    return tape, shapes[0]
+
+
 def _linearise_whole(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
-    probe = Tape(inputs.params, None, options.caller, per_sample=False)
-    with torch.no_grad(), probe:
-        _split(inputs.call(fn, inputs.data), options)
+    probe, _ = _probe(fn, inputs, inputs.data, options)
     taps = _zero_taps(probe.tap_shapes, None)
     tape = Tape(inputs.params, taps, options.caller, per_sample=False)
     box = _Aux()
@@ -340,9 +370,8 @@ def _check_samples(
 
 def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
     batch = _batch_size(inputs, options)
-    probe = Tape(inputs.params, None, options.caller, per_sample=True)
-    with torch.no_grad(), probe:  # a batch of one sample: what each vmapped call will see
-        b = _check_output(_split(inputs.call(fn, inputs.first(1)), options)[0].shape, options)
+    probe, shape = _probe(fn, inputs, inputs.first(1), options)  # what each vmapped call sees
+    b = _check_output(shape, options)
     taps = _zero_taps(probe.tap_shapes, batch)
     tape = Tape(inputs.params, taps, options.caller, per_sample=True)
     run = _vmapped(fn, inputs, options, tape)

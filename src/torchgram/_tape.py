@@ -210,7 +210,7 @@ class Tape(TorchFunctionMode):
                     "sample with statistics of the whole batch, so a sample's output depends on "
                     "the other samples and batch_dim's promise does not hold. Call model.eval() "
                     "to use running statistics, replace BatchNorm with GroupNorm or LayerNorm, or "
-                    "pass batch_dim=None."
+                    "pass batch_dim=None (exact with batch statistics)."
                 )
 
     def _only_tensor(self, leaves: list[Any], slots: list[int], name: str) -> bool:
