@@ -66,16 +66,20 @@ def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
 
 
 def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor:
-    """Weights of Nash-MTL: the Nash bargaining solution ``G' w = 1 / w``, with a norm cap.
+    """Weights of Nash-MTL: the Nash bargaining solution ``G w = 1 / w``, with a norm cap.
 
-    Navon et al. (2022): with ``G' = G / ||G||_F`` (as in TorchJD), ``w`` is the positive solution
-    of ``G' w = 1 / w`` (FairGrad with ``alpha=1``), solved exactly by Newton steps rather than by
-    the paper's sequence of convex programs. When ``max_norm > 0`` and the update norm
-    ``sqrt(wᵀGw)`` exceeds it, ``w`` is scaled down to norm ``max_norm``.
+    Navon et al. (2022), Algorithm 1: ``w`` is the positive solution of ``G w = 1 / w`` (FairGrad
+    with ``alpha=1``), so that every row improves by ``(G w)_i = 1 / w_i`` and the update has norm
+    ``sqrt(wᵀGw) = sqrt(m)``. It is solved exactly by Newton steps on ``G / ||G||_F`` (for
+    conditioning; the solution is then rescaled by ``||G||_F^(-1/2)``), where TorchJD runs at most
+    ``optim_niter`` convex-concave steps with cvxpy; both reach the same point. When
+    ``max_norm > 0`` and ``sqrt(wᵀGw)`` exceeds it, ``w`` is scaled down to norm ``max_norm``.
 
     Stateless: TorchJD's state (warm start, ``update_weights_every``) only saves computation. To
-    update the weights every k steps, call it every k steps. Differentiable (unrolled Newton). Not
-    defined for a zero Gramian or a Pareto-stationary one (the weights grow with ``max_iters``).
+    update the weights every k steps, call it every k steps. Differentiable (unrolled Newton).
+    ``c G`` gives ``w / sqrt(c)`` (so the capped weights are invariant to scaling as soon as the
+    cap is active, e.g. with the default ``max_norm=1`` and ``m >= 2``). Not defined for a zero
+    Gramian or a Pareto-stationary one (the weights grow with ``max_iters``).
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -89,14 +93,15 @@ def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor
         >>> import torch
         >>> from torchgram.weightings import nash_mtl
         >>> nash_mtl(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), max_norm=0.0)
-        tensor([1.0153, 2.0305])
+        tensor([0.5000, 1.0000])
     """
     call = "nash_mtl(G)"
     M, shape = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not max_norm >= 0:
         raise ValueError(f"{call}: expected max_norm >= 0, got {max_norm!r}.")
-    w = _solve_fair(M / torch.linalg.matrix_norm(M), 1.0, max_iters)
+    scale = torch.linalg.matrix_norm(M)
+    w = _solve_fair(M / scale, 1.0, max_iters) / scale.sqrt()
     if max_norm > 0:
         norm = torch.sqrt((w @ M @ w).clamp(min=0.0))
         w = w * torch.where(norm > max_norm, max_norm / norm, 1.0)
