@@ -97,3 +97,26 @@ def test_inside_no_grad_and_with_inputs_requiring_grad() -> None:
     (gx,) = torch.autograd.grad(G.trace(), x)
     expected_gx = grad(lambda x: _trace_oracle(fn, params, x, y))(x.detach())
     assert torch.allclose(gx, expected_gx, rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_over_ensemble_with_chunked_rules() -> None:
+    # tiny chunks force the blockwise paths of the ghost and conv rules under an outer vmap
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(20, 1))
+    members = [model.double()] + [
+        nn.Sequential(
+            nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(20, 1)
+        ).double()
+        for _ in range(2)
+    ]
+    stacked, _ = stack_module_state(members)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+
+    def fn(params, x):
+        return functional_call(model, params, (x,)).squeeze(-1)
+
+    transform = torchgram.gramian_of(fn, batch_dim=0, max_chunk_bytes=256)
+    G = vmap(transform, in_dims=(0, None))(stacked, x)
+    for i, member in enumerate(members):
+        params = {k: v.detach() for k, v in member.named_parameters()}
+        assert torch.allclose(G[i], flat_gramian(fn, params, x), rtol=1e-10, atol=1e-12)

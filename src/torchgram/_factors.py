@@ -169,14 +169,17 @@ def ghost_from_similarity(
     if block >= B:
         whole = slice(0, B)
         return _ghost_block(similarity(whole, whole), D, D).reshape(K * B, K * B)
-    G = D.new_empty(K, B, K, B)
-    for i in range(0, B, block):
-        for j in range(i, B, block):
+    starts = range(0, B, block)
+    blocks: dict[tuple[int, int], Tensor] = {}
+    for i in starts:
+        for j in starts:
+            if j < i:  # the Gramian is symmetric: the mirrored block comes for free
+                blocks[i, j] = blocks[j, i].permute(2, 3, 0, 1)
+                continue
             rows, cols = slice(i, i + block), slice(j, j + block)
-            part = _ghost_block(similarity(rows, cols), D[:, rows], D[:, cols])
-            G[:, rows, :, cols] = part
-            if j != i:  # the Gramian is symmetric: the mirrored block comes for free
-                G[:, cols, :, rows] = part.permute(2, 3, 0, 1)
+            blocks[i, j] = _ghost_block(similarity(rows, cols), D[:, rows], D[:, cols])
+    # joined out of place (no writes into a buffer), so that an outer vmap can batch it
+    G = torch.cat([torch.cat([blocks[i, j] for j in starts], dim=3) for i in starts], dim=1)
     return G.reshape(K * B, K * B)
 
 

@@ -87,12 +87,11 @@ class Conv:
 
     def _grads(self, chunk_bytes: int) -> Tensor:
         """Per-sample gradients ``[K, B, G, C_out / G, prod(kernel) * C_in / G]`` (own layout)."""
-        K, B, _, G, d_out = self.D.shape
-        d_in = math.prod(self.kernel) * self.x.shape[-1] // G
-        g = self.D.new_empty(K, B, G, d_out, d_in)
-        for chunk in self._chunks(chunk_bytes):
-            g[:, chunk] = torch.einsum("kblgo,blgd->kbgod", self.D[:, chunk], self.patches(chunk))
-        return g
+        parts = [
+            torch.einsum("kblgo,blgd->kbgod", self.D[:, chunk], self.patches(chunk))
+            for chunk in self._chunks(chunk_bytes)
+        ]
+        return torch.cat(parts, dim=1)  # out of place, so that an outer vmap can batch it
 
     def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]``."""
