@@ -175,10 +175,14 @@ def _pull_back(pullback: Callable[..., Any], out: Tensor, per_sample: torch.Size
     return list(cotangents)
 
 
-def _zero_taps(shapes: list[tuple[torch.Size, torch.dtype, torch.device]], batch: int | None):
+def _zero_taps(
+    shapes: list[tuple[torch.Size, torch.dtype, torch.device]], batch: int | None
+) -> tuple[Tensor, ...]:
+    """One zero per tapped output: a broadcast scalar, so the taps take no memory."""
     lead = () if batch is None else (batch,)
     return tuple(
-        torch.zeros(*lead, *shape, dtype=dtype, device=device) for shape, dtype, device in shapes
+        torch.zeros((), dtype=dtype, device=device).expand(*lead, *shape)
+        for shape, dtype, device in shapes
     )
 
 
