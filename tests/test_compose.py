@@ -120,3 +120,21 @@ def test_vmap_over_ensemble_with_chunked_rules() -> None:
     for i, member in enumerate(members):
         params = {k: v.detach() for k, v in member.named_parameters()}
         assert torch.allclose(G[i], flat_gramian(fn, params, x), rtol=1e-10, atol=1e-12)
+
+
+def test_func_grad_of_trace_through_convolutions_equals_oracle() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, groups=1),
+        nn.Flatten(), nn.Linear(4, 1),
+    ).double()  # fmt: skip
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+
+    def fn(params, x):
+        return functional_call(model, params, (x,)).squeeze(-1)
+
+    ours = grad(lambda p: torchgram.gramian(fn, p, x, batch_dim=0).trace())(params)
+    expected = grad(lambda p: flat_gramian(fn, p, x).trace())(params)
+    for name in params:
+        assert torch.allclose(ours[name], expected[name], rtol=1e-9, atol=1e-12)

@@ -1,10 +1,13 @@
-"""Convolution weights: the linear rule on unfolded input patches, one linear map per group.
+"""Convolution weights: per-sample gradients by the backend's kernel, or the ghost form on patches.
 
 A convolution with G groups is, per group ``g``, a linear map from patches of ``C_in / G`` input
 channels to ``C_out / G`` output channels, used at every output position (the tokens). Its weight
-``[C_out, C_in / G, *kernel]`` holds the G maps as blocks of output channels, so the Gramian is the
-sum over groups of linear-map Gramians (ghost or materialised, whichever is cheaper). Patches are
-built from the padded channels-last input on demand, for a chunk of samples at a time.
+``[C_out, C_in / G, *kernel]`` holds the G maps as blocks of output channels. Two forms:
+
+- materialised: the per-sample gradients, one ``aten.convolution_backward`` (weight only) per row,
+  then their Gramian; the JD direction is one such call for the whole batch;
+- ghost: the sum over groups of linear-map ghost Gramians on unfolded patches (built from the
+  padded channels-last input), cheaper when few output positions meet large channel counts.
 """
 
 from __future__ import annotations
@@ -71,41 +74,43 @@ class Conv:
         grouped = stacked.reshape(b, -1, len(pieces), G, C // G).transpose(2, 3)
         return grouped.reshape(b, grouped.shape[1], G, -1)
 
-    def _chunks(self, chunk_bytes: int) -> list[slice]:
-        """Slices of samples whose patches take at most about ``chunk_bytes``."""
-        B = self.x.shape[0]
-        per_sample = self.x[0].numel() * math.prod(self.kernel) * self.x.element_size()
-        step = max(1, min(B, chunk_bytes // max(per_sample, 1)))
-        return [slice(i, i + step) for i in range(0, B, step)]
-
-    def _to_leaf_layout(self, g: Tensor) -> Tensor:
-        """``[..., G, C_out / G, prod(kernel) * C_in / G]`` -> ``[..., C_out, C_in/G, *kernel]``."""
-        lead = g.shape[:-3]
-        C_out = g.shape[-3] * g.shape[-2]
-        g = g.reshape(*lead, C_out, *self.kernel, -1)
-        return g.movedim(-1, len(lead) + 1)
-
-    def _grads(self, chunk_bytes: int) -> Tensor:
-        """Per-sample gradients ``[K, B, G, C_out / G, prod(kernel) * C_in / G]`` (own layout)."""
-        parts = [
-            torch.einsum("kblgo,blgd->kbgod", self.D[:, chunk], self.patches(chunk))
-            for chunk in self._chunks(chunk_bytes)
-        ]
-        return torch.cat(parts, dim=1)  # out of place, so that an outer vmap can batch it
-
     def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-        """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]``."""
-        return self._to_leaf_layout(self._grads(chunk_bytes))
+        """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]``.
+
+        One weight-gradient convolution (``aten.convolution_backward``) per row: the backend's
+        kernel never unfolds the input, so this is about as fast as the weight gradient of one
+        training step, where building patches then multiplying is several times slower.
+        """
+        K, B = self.D.shape[:2]
+        images, grads = self._images(), self._output_grads()
+        rows = [self._weight_grad(grads[k, i], images[i]) for k in range(K) for i in range(B)]
+        return torch.stack(rows).view(K, B, *rows[0].shape)
 
     def weighted(self, weights: Tensor) -> Tensor:
-        """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``."""
-        D = torch.einsum("kb,kblgo->blgo", weights, self.D)
-        total = sum(
-            torch.einsum("blgo,blgd->god", D[chunk], self.patches(chunk))
-            for chunk in self._chunks(DEFAULT_CHUNK_BYTES)
-        )
-        assert isinstance(total, Tensor)
-        return self._to_leaf_layout(total)
+        """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution."""
+        grads = torch.einsum("kb,kb...->b...", weights, self._output_grads())
+        return self._weight_grad(grads.flatten(0, 1), self._images().flatten(0, 1))
+
+    def _images(self) -> Tensor:
+        """The padded input, channels first: ``[B, N, C_in, *padded]`` (contiguous, as the fast
+        convolution kernels want it)."""
+        return self.x.movedim(-1, 2).contiguous()
+
+    def _output_grads(self) -> Tensor:
+        """The cotangents as a convolution's output gradient: ``[K, B, N, C_out, *out]``."""
+        K, B = self.D.shape[:2]
+        N = self.x.shape[1]
+        return self.D.reshape(K, B, N, *self.out_size, -1).movedim(-1, 3).contiguous()
+
+    def _weight_grad(self, grad: Tensor, images: Tensor) -> Tensor:
+        """The weight gradient of the (unpadded) convolution of ``images`` given ``grad``."""
+        G = self.groups
+        zeros = [0] * len(self.kernel)
+        weight = images.new_empty(grad.shape[1], images.shape[1] // G, *self.kernel)  # a shape
+        return torch.ops.aten.convolution_backward(
+            grad, images, weight, None, list(self.stride), zeros, list(self.dilation), False,
+            zeros, G, [False, True, False],
+        )[1]  # fmt: skip
 
     def transposed(self, index: Tensor) -> Factor:
         return Dense(index, self.materialise().transpose(-1, -2))
@@ -115,7 +120,7 @@ class Conv:
         K, B, T, G, d_out = self.D.shape
         d_in = math.prod(self.kernel) * self.x.shape[-1] // G
         if not use_ghost(torch.Size((B, T, d_in)), torch.Size((K, B, T, d_out))):
-            return dense_gramian(self._grads(chunk_bytes))  # the layout does not matter here
+            return dense_gramian(self.materialise())
         A = self.patches(slice(None))
         parts = [ghost_gramian(A[:, :, g], self.D[..., g, :], chunk_bytes) for g in range(G)]
         return parts[0] if G == 1 else torch.stack(parts).sum(0)
