@@ -18,6 +18,7 @@ import torch
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES, Dense, Factor, Linear, dense_gramian
 from torchgram._factors_embedding import Embedding
+from torchgram._tape import positions
 
 Tensor = torch.Tensor
 
@@ -83,7 +84,7 @@ def _leaf_gramian(factors: list[Factor], shape: torch.Size, chunk_bytes: int) ->
     if len(regions) == 1 and regions[0][0] is None:
         return _region_sum(regions[0][1], shape).gramian(chunk_bytes)
     numel = shape.numel()
-    indices = [_index(index, shape) for index, _ in regions]
+    indices = [positions(index, shape) for index, _ in regions]
     counts = torch.bincount(torch.cat([index.reshape(-1) for index in indices]), minlength=numel)
     summed = [
         _region_sum(group, index.shape) for (_, group), index in zip(regions, indices, strict=True)
@@ -97,14 +98,10 @@ def _leaf_gramian(factors: list[Factor], shape: torch.Size, chunk_bytes: int) ->
     return dense_gramian(sum(flat[1:], flat[0]))
 
 
-def _index(index: Tensor | None, shape: torch.Size) -> Tensor:
-    return torch.arange(shape.numel()).view(shape) if index is None else index
-
-
 def _same(a: Tensor | None, b: Tensor | None, shape: torch.Size) -> bool:
     if a is None and b is None:
         return True
-    a, b = _index(a, shape), _index(b, shape)
+    a, b = positions(a, shape), positions(b, shape)
     return a.shape == b.shape and torch.equal(a, b)
 
 
@@ -119,7 +116,7 @@ def _group_by_region(
                 break
             if factor.index is not None and factor.index.dim() == 2:
                 if _same(factor.index.T, index, shape):
-                    group.append(factor.transposed(_index(index, shape)))
+                    group.append(factor.transposed(positions(index, shape)))
                     break
         else:
             regions.append((factor.index, [factor]))

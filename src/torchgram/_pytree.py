@@ -13,6 +13,8 @@ from typing import Any
 import optree
 import torch
 
+from torchgram._tape import differentiable
+
 Tensor = torch.Tensor
 InDims = int | None | Sequence[Any]
 
@@ -117,7 +119,7 @@ def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
                 f"{caller}: every leaf of params must be a tensor, but the leaf at {path} is a "
                 f"{type(leaf).__name__}. Pass constants through the other arguments or a closure."
             )
-        if not (leaf.is_floating_point() or leaf.is_complex()):
+        if not differentiable(leaf):
             raise TypeError(
                 f"{caller}: the leaf of params at {path} has dtype {leaf.dtype}; only "
                 "floating-point tensors have gradients. Leave integer tensors out of params."

@@ -30,7 +30,7 @@ from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
 from torchgram._pytree import Inputs
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
-from torchgram._tape import Tape, Use
+from torchgram._tape import Tape, Use, differentiable
 
 Tensor = torch.Tensor
 
@@ -125,7 +125,7 @@ def _split(result: Any, options: Options) -> tuple[Tensor, Any]:
             f"{caller}: fn must return a tensor (the output whose Jacobian's Gramian is "
             f"computed), but it returned a {type(out).__name__}.{hint}"
         )
-    if not (out.is_floating_point() or out.is_complex()):
+    if not differentiable(out):
         raise TypeError(
             f"{caller}: fn's output has dtype {out.dtype}; it must be floating-point to have "
             "gradients."

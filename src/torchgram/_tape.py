@@ -143,8 +143,14 @@ def _without_dispatch(func: FunctionType) -> FunctionType:
     return body
 
 
-def _is_float_tensor(value: Any) -> bool:
+def differentiable(value: Any) -> bool:
+    """Whether ``value`` is a tensor that can have gradients (floating-point or complex)."""
     return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def positions(index: Tensor | None, shape: torch.Size) -> Tensor:
+    """Flat leaf positions of a region: ``index``, or the whole leaf in its layout when None."""
+    return torch.arange(shape.numel()).view(shape) if index is None else index
 
 
 class Tape(TorchFunctionMode):
@@ -226,9 +232,7 @@ class Tape(TorchFunctionMode):
         source = self._views[id(leaves[slot])]
         args, kwargs = optree.tree_unflatten(spec, leaves)
         out = func(*args, **kwargs)
-        index = source.index
-        if index is None:
-            index = torch.arange(source.tensor.numel()).view(source.tensor.shape)
+        index = positions(source.index, source.tensor.shape)
         index_leaves = list(leaves)
         index_leaves[slot] = index
         if name in _AS_OPS:  # the other tensor only gives a shape
@@ -248,7 +252,7 @@ class Tape(TorchFunctionMode):
         self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int], out: Any
     ) -> Any:
         out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=True)
-        tapped = [i for i, v in enumerate(out_leaves) if _is_float_tensor(v)]
+        tapped = [i for i, v in enumerate(out_leaves) if differentiable(v)]
         if not tapped:  # no differentiable output (sizes, masks, ...): nothing flows back
             return out
         stored: list[Any] = list(leaves)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from torchgram._factors import Factor
-from torchgram._tape import ParamView, Use
+from torchgram._tape import DataRef, ParamView, Use, positions
 
 Tensor = torch.Tensor
 Contribution = tuple[int, Factor]
@@ -20,11 +20,14 @@ def argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name:
     return args[position] if len(args) > position else kwargs.get(name)
 
 
+def data_and_params(x: object, *params: object) -> bool:
+    """The input is data and every parameter slot holds a parameter view or nothing."""
+    return isinstance(x, DataRef) and all(p is None or isinstance(p, ParamView) for p in params)
+
+
 def full_index(view: ParamView) -> Tensor:
     """The view's flat leaf positions, shaped like the view (also for a whole leaf)."""
-    if view.index is not None:
-        return view.index
-    return torch.arange(view.tensor.numel()).view(view.tensor.shape)
+    return positions(view.index, view.tensor.shape)
 
 
 def transposed_region(view: ParamView) -> Tensor:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from torchgram._factors import Dense
 from torchgram._factors_conv import Conv
-from torchgram._rules.common import Contribution, Rule, argument
-from torchgram._tape import DataRef, ParamView, Use
+from torchgram._rules.common import Contribution, Rule, argument, data_and_params
+from torchgram._tape import ParamView, Use
 
 Tensor = torch.Tensor
 
@@ -49,9 +49,7 @@ def conv_rule(
     x_ref = argument(args, kwargs, 0, "input")
     weight = argument(args, kwargs, 1, "weight")
     bias = argument(args, kwargs, 2, "bias")
-    if not (isinstance(x_ref, DataRef) and isinstance(weight, ParamView)):
-        return None
-    if bias is not None and not isinstance(bias, ParamView):
+    if not (isinstance(weight, ParamView) and data_and_params(x_ref, bias)):
         return None
     n = weight.tensor.dim() - 2
     kernel = tuple(weight.tensor.shape[2:])

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 import torch
 
 from torchgram._factors import Dense, Linear
-from torchgram._rules.common import Contribution, Rule, argument, tokens, transposed_region
+from torchgram._rules.common import (
+    Contribution,
+    Rule,
+    argument,
+    data_and_params,
+    tokens,
+    transposed_region,
+)
 from torchgram._tape import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
@@ -26,9 +33,7 @@ def linear_rule(
     x = argument(args, kwargs, 0, "input")
     weight = argument(args, kwargs, 1, "weight")
     bias = argument(args, kwargs, 2, "bias")
-    if not (isinstance(x, DataRef) and isinstance(weight, ParamView)):
-        return None
-    if bias is not None and not isinstance(bias, ParamView):
+    if not (isinstance(weight, ParamView) and data_and_params(x, bias)):
         return None
     (cotangent,) = cotangents
     K, B = cotangent.shape[:2]

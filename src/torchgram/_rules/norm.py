@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from torchgram._factors import Dense
-from torchgram._rules.common import Contribution, Rule, argument
-from torchgram._tape import DataRef, ParamView, Use
+from torchgram._rules.common import Contribution, Rule, argument, data_and_params
+from torchgram._tape import ParamView, Use
 
 Tensor = torch.Tensor
 
@@ -40,11 +40,6 @@ def _affine(
     return out
 
 
-def _checked(x: object, *params: object) -> bool:
-    """The input is data and every parameter slot holds a parameter or nothing."""
-    return isinstance(x, DataRef) and all(p is None or isinstance(p, ParamView) for p in params)
-
-
 def layer_norm_rule(
     use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
 ) -> list[Contribution] | None:
@@ -53,7 +48,7 @@ def layer_norm_rule(
     x, shape = argument(args, kwargs, 0, "input"), argument(args, kwargs, 1, "normalized_shape")
     weight, bias = argument(args, kwargs, 2, "weight"), argument(args, kwargs, 3, "bias")
     eps = argument(args, kwargs, 4, "eps")
-    if not _checked(x, weight, bias):
+    if not data_and_params(x, weight, bias):
         return None
     normalised = F.layer_norm(records[x.record], shape, None, None, 1e-5 if eps is None else eps)
     (cotangent,) = cotangents
@@ -67,7 +62,7 @@ def rms_norm_rule(
     args, kwargs = use.arguments()
     x, shape = argument(args, kwargs, 0, "input"), argument(args, kwargs, 1, "normalized_shape")
     weight, eps = argument(args, kwargs, 2, "weight"), argument(args, kwargs, 3, "eps")
-    if not _checked(x, weight):
+    if not data_and_params(x, weight):
         return None
     normalised = F.rms_norm(records[x.record], shape, None, eps)
     (cotangent,) = cotangents
@@ -82,7 +77,7 @@ def group_norm_rule(
     x, groups = argument(args, kwargs, 0, "input"), argument(args, kwargs, 1, "num_groups")
     weight, bias = argument(args, kwargs, 2, "weight"), argument(args, kwargs, 3, "bias")
     eps = argument(args, kwargs, 4, "eps")
-    if not _checked(x, weight, bias):
+    if not data_and_params(x, weight, bias):
         return None
     data = records[x.record]
     if data.dim() < 3:  # group_norm needs [N, C, ...] per sample
