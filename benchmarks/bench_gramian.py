@@ -10,7 +10,9 @@ of the peak resident set size during one call (after a warm-up call, see ``measu
 Methods:
 
 - ``step``: forward and ``backward`` of the mean loss (the reference).
-- ``torchgram``: ``torchgram.gramian(fn, params, x, y, batch_dim=...)`` (forward included).
+- ``torchgram``: ``torchgram.gramian_of(fn, batch_dim=...)``, built once and called on
+  ``(params, x, y)`` each time, as a training loop does (forward included). Its first call (the
+  warm-up) also runs fn once to learn shapes and checks two samples; later calls skip both.
 - ``torchjd``: TorchJD 0.18's ``autogram.Engine(model, batch_dim=...)``: forward, then
   ``engine.compute_gramian(losses)``. Skipped with a note if ``torchjd`` is not importable.
 - ``per-sample``: ``vmap(grad)`` (``jacrev`` for several losses per sample) of the losses, the
@@ -236,7 +238,8 @@ def _step(setting: Setting) -> Callable[[], Any]:
 
 def _torchgram(setting: Setting) -> Callable[[], Any]:
     fn, params = _functional(setting)
-    return lambda: torchgram.gramian(fn, params, setting.x, setting.y, batch_dim=setting.batch_dim)
+    transform = torchgram.gramian_of(fn, batch_dim=setting.batch_dim)  # built once, as in training
+    return lambda: transform(params, setting.x, setting.y)
 
 
 def _torchjd(setting: Setting) -> Callable[[], Any]:

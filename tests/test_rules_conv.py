@@ -87,3 +87,25 @@ def test_unbatched_image_and_weight_used_twice(monkeypatch) -> None:
 def test_small_chunks_give_the_same_gramian(monkeypatch, chunk) -> None:
     fn, params, x = _case(2, batch=5, size=8, kernel_size=3, padding=1)
     check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
+
+
+@pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialised"])
+@pytest.mark.parametrize("chunk", [1, 2**11, 2**30])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_both_forms_in_blocks_of_channels(monkeypatch, ghost, chunk, groups, rows) -> None:
+    """Each form, with blocks of one output channel (or group) up to the whole weight, and with
+    one or two output rows per sample (the blocks then hold K*B rows)."""
+    import torchgram._factors_conv as conv
+
+    monkeypatch.setattr(conv, "use_ghost", lambda *shapes: ghost)
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=groups).double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
+
+    def fn(params, x):
+        h = functional_call(layer, params, (x,)).flatten(1)
+        return torch.stack([h.pow(2).sum(-1), h.sin().sum(-1)][:rows], dim=-1)  # [B, rows]
+
+    check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)

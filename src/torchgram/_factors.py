@@ -25,7 +25,7 @@ import torch
 
 Tensor = torch.Tensor
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 24 * 2**20
 
 
 class Factor(Protocol):

@@ -4,8 +4,11 @@ A convolution with G groups is, per group ``g``, a linear map from patches of ``
 channels to ``C_out / G`` output channels, used at every output position (the tokens). Its weight
 ``[C_out, C_in / G, *kernel]`` holds the G maps as blocks of output channels. Two forms:
 
-- materialised: the per-sample gradients, one ``aten.convolution_backward`` (weight only) per row,
-  then their Gramian; the JD direction is one such call for the whole batch;
+- materialised: the per-sample gradients, a block of output channels at a time (at most
+  ``chunk_bytes`` of them), and the sum of the blocks' Gramians. A block comes from batched
+  products with the unfolded patches when those fit in ``chunk_bytes`` (few output positions),
+  else from ``aten.convolution_backward`` (weight only) per row, which never unfolds the input.
+  The JD direction is one such call for the whole batch;
 - ghost: the sum over groups of linear-map ghost Gramians on unfolded patches (built from the
   padded channels-last input), cheaper when few output positions meet large channel counts.
 """
@@ -14,15 +17,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from torchgram._factors import (
     DEFAULT_CHUNK_BYTES,
     Dense,
     Factor,
-    dense_gramian,
     ghost_gramian,
     use_ghost,
 )
@@ -36,91 +40,128 @@ class Conv:
 
     Attributes:
         index: Flat leaf positions of the ``[C_out, C_in / G, *kernel]`` region, or None.
-        x: Padded input, channels last: ``[B, N, *padded, C_in]`` (N images per sample).
-        D: Output cotangents ``[K, B, N * L, G, C_out / G]`` (L output positions per image).
+        x: Input ``[B, N, C_in, *spatial]`` (N images per sample), before ``padding``.
+        dy: Output cotangents ``[K, B, N, C_out, *out]``.
         kernel: Kernel size per spatial dimension.
         stride: Stride per spatial dimension.
+        padding: Zero padding per spatial dimension, on both sides.
         dilation: Dilation per spatial dimension.
-        out_size: Output size per spatial dimension.
+        groups: G.
     """
 
     index: Tensor | None
     x: Tensor
-    D: Tensor
+    dy: Tensor
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
+    padding: tuple[int, ...]
     dilation: tuple[int, ...]
-    out_size: tuple[int, ...]
-
-    @property
-    def groups(self) -> int:
-        return self.D.shape[3]
-
-    def patches(self, samples: slice) -> Tensor:
-        """``[b, N * L, G, prod(kernel) * C_in / G]`` (kernel offsets major, channels minor)."""
-        x = self.x[samples]
-        b, C = x.shape[0], x.shape[-1]
-        pieces = []
-        for offset in itertools.product(*(range(k) for k in self.kernel)):
-            window = tuple(
-                slice(o * dil, o * dil + s * (size - 1) + 1, s)
-                for o, dil, s, size in zip(
-                    offset, self.dilation, self.stride, self.out_size, strict=True
-                )
-            )
-            pieces.append(x[(slice(None), slice(None), *window)])
-        stacked = torch.stack(pieces, dim=-2)  # [b, N, *out, prod(kernel), C]
-        G = self.groups
-        grouped = stacked.reshape(b, -1, len(pieces), G, C // G).transpose(2, 3)
-        return grouped.reshape(b, grouped.shape[1], G, -1)
+    groups: int
 
     def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-        """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]``.
-
-        One weight-gradient convolution (``aten.convolution_backward``) per row: the backend's
-        kernel never unfolds the input, so this is about as fast as the weight gradient of one
-        training step, where building patches then multiplying is several times slower.
-        """
-        K, B = self.D.shape[:2]
-        images, grads = self._images(), self._output_grads()
-        rows = [self._weight_grad(grads[k, i], images[i]) for k in range(K) for i in range(B)]
-        return torch.stack(rows).view(K, B, *rows[0].shape)
+        """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]``."""
+        K, B = self.dy.shape[:2]
+        shape = (K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
+        blocks = [g.view(shape) for g in self._blocks(chunk_bytes)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
     def weighted(self, weights: Tensor) -> Tensor:
         """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution."""
-        grads = torch.einsum("kb,kb...->b...", weights, self._output_grads())
-        return self._weight_grad(grads.flatten(0, 1), self._images().flatten(0, 1))
-
-    def _images(self) -> Tensor:
-        """The padded input, channels first: ``[B, N, C_in, *padded]`` (contiguous, as the fast
-        convolution kernels want it)."""
-        return self.x.movedim(-1, 2).contiguous()
-
-    def _output_grads(self) -> Tensor:
-        """The cotangents as a convolution's output gradient: ``[K, B, N, C_out, *out]``."""
-        K, B = self.D.shape[:2]
-        N = self.x.shape[1]
-        return self.D.reshape(K, B, N, *self.out_size, -1).movedim(-1, 3).contiguous()
-
-    def _weight_grad(self, grad: Tensor, images: Tensor) -> Tensor:
-        """The weight gradient of the (unpadded) convolution of ``images`` given ``grad``."""
-        G = self.groups
-        zeros = [0] * len(self.kernel)
-        weight = images.new_empty(grad.shape[1], images.shape[1] // G, *self.kernel)  # a shape
-        return torch.ops.aten.convolution_backward(
-            grad, images, weight, None, list(self.stride), zeros, list(self.dilation), False,
-            zeros, G, [False, True, False],
-        )[1]  # fmt: skip
+        grads = torch.einsum("kb,kb...->b...", weights, self.dy)
+        return self._weight_grad(grads.flatten(0, 1), self.x.flatten(0, 1), self.groups)
 
     def transposed(self, index: Tensor) -> Factor:
         return Dense(index, self.materialise().transpose(-1, -2))
 
     def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-        """``[K*B, K*B]``: the sum over groups of ghost or materialised linear-map Gramians."""
-        K, B, T, G, d_out = self.D.shape
-        d_in = math.prod(self.kernel) * self.x.shape[-1] // G
-        if not use_ghost(torch.Size((B, T, d_in)), torch.Size((K, B, T, d_out))):
-            return dense_gramian(self.materialise())
-        A = self.patches(slice(None))
-        parts = [ghost_gramian(A[:, :, g], self.D[..., g, :], chunk_bytes) for g in range(G)]
+        """``[K*B, K*B]``: ghost on patches, or the sum of the blocks' materialised Gramians."""
+        K, B, N, C_out = self.dy.shape[:4]
+        G = self.groups
+        T = N * math.prod(self.dy.shape[4:])
+        d_in = math.prod(self.kernel) * self.x.shape[2] // G
+        if use_ghost(torch.Size((B, T, d_in)), torch.Size((K, B, T, C_out // G))):
+            return self._ghost(chunk_bytes)
+        patch_bytes = B * T * d_in * G * self.x.element_size()
+        if G == 1 and patch_bytes <= chunk_bytes:
+            blocks = self._patch_blocks(chunk_bytes)
+        else:
+            blocks = self._blocks(chunk_bytes)
+        total: Tensor | None = None
+        for g in blocks:
+            part = g @ g.T
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _patch_blocks(self, chunk_bytes: int) -> Iterator[Tensor]:
+        """Like :meth:`_blocks` (in another layout of each gradient), by batched products with
+        the unfolded patches: faster than the kernel when the patches are small (G = 1)."""
+        K, B, _, C_out = self.dy.shape[:4]
+        A = self._patches()[:, :, 0]  # [B, T, d_in]
+        D = self.dy.movedim(3, 2).reshape(K, B, C_out, -1)  # [K, B, C_out, T]
+        per_channel = K * B * A.shape[-1] * A.element_size()
+        step = max(1, chunk_bytes // per_channel)
+        for start in range(0, C_out, step):
+            g = torch.einsum("kbct,btd->kbcd", D[:, :, start : start + step], A)
+            yield g.reshape(K * B, -1)
+
+    def _blocks(self, chunk_bytes: int) -> Iterator[Tensor]:
+        """Per-row gradients ``[K*B, c * C_in / G * prod(kernel)]`` of consecutive blocks of c
+        output channels (whole groups when G > 1), each at most about ``chunk_bytes``."""
+        K, B, _, C_out = self.dy.shape[:4]
+        G, rows = self.groups, K * B
+        per_group = C_out // G
+        c_in = self.x.shape[2] // G
+        per_channel = rows * c_in * math.prod(self.kernel) * self.dy.element_size()
+        step = max(1, chunk_bytes // per_channel)
+        if G > 1:  # a block holds whole groups, so that its input channels are contiguous
+            step = max(1, step // per_group) * per_group
+        images = self.x.contiguous()  # [B, N, C_in, *spatial]
+        grads = self.dy.contiguous()  # [K, B, N, C_out, *out]
+        for start in range(0, C_out, step):
+            stop = min(C_out, start + step)
+            first, count = (start // per_group, (stop - start) // per_group) if G > 1 else (0, 1)
+            block_images = images[:, :, first * c_in : (first + count) * c_in]
+            block = [
+                self._weight_grad(grads[k, i, :, start:stop], block_images[i], count)
+                for k in range(K)
+                for i in range(B)
+            ]
+            yield torch.stack(block).view(rows, -1)
+
+    def _weight_grad(self, grad: Tensor, images: Tensor, groups: int) -> Tensor:
+        """The weight gradient of the convolution of ``images`` given its output's ``grad``."""
+        channels = images.shape[1] // groups
+        weight = images.new_empty(grad.shape[1], channels, *self.kernel)  # only a shape
+        return torch.ops.aten.convolution_backward(
+            grad.contiguous(), images.contiguous(), weight, None, list(self.stride),
+            list(self.padding), list(self.dilation), False, [0] * len(self.kernel), groups,
+            [False, True, False],
+        )[1]  # fmt: skip
+
+    def _ghost(self, chunk_bytes: int) -> Tensor:
+        """The sum over groups of linear-map ghost Gramians on unfolded patches."""
+        K, B, _, C_out = self.dy.shape[:4]
+        G = self.groups
+        A = self._patches()
+        D = self.dy.movedim(3, -1).reshape(K, B, -1, G, C_out // G)
+        parts = [ghost_gramian(A[:, :, g], D[..., g, :], chunk_bytes) for g in range(G)]
         return parts[0] if G == 1 else torch.stack(parts).sum(0)
+
+    def _patches(self) -> Tensor:
+        """``[B, N * L, G, prod(kernel) * C_in / G]`` (kernel offsets major, channels minor)."""
+        B, N, C = self.x.shape[:3]
+        pad = [p for p in reversed(self.padding) for _ in range(2)]
+        x = F.pad(self.x.flatten(0, 1), pad).unflatten(0, (B, N)).movedim(2, -1)
+        sizes = list(zip(self.dilation, self.stride, self.dy.shape[4:], strict=True))
+        pieces = []
+        for offset in itertools.product(*(range(k) for k in self.kernel)):
+            window = tuple(
+                slice(o * dil, o * dil + s * (size - 1) + 1, s)
+                for o, (dil, s, size) in zip(offset, sizes, strict=True)
+            )
+            pieces.append(x[(slice(None), slice(None), *window)])
+        stacked = torch.stack(pieces, dim=-2)  # [B, N, *out, prod(kernel), C]
+        G = self.groups
+        grouped = stacked.reshape(B, -1, len(pieces), G, C // G).transpose(2, 3)
+        return grouped.reshape(B, grouped.shape[1], G, -1)

@@ -11,13 +11,17 @@ Two runs of ``fn``:
 
 The vjp is then applied to one one-hot cotangent per non-batch output element (vmapped), which
 gives the cotangents ``[K, B, ...]`` of every use's output. Parameter gradients are never formed.
+
+A transform built once (``gramian_of``, ``jd_grad``) remembers what the probe learned, and that the
+sample check passed, per signature of its arguments (see :mod:`torchgram._memo`), so that a
+training loop runs fn once per step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +31,11 @@ from torch.func import vjp, vmap
 
 from torchgram._assemble import gramian_of_factors, weighted_gradients
 from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
+from torchgram._memo import Probed, Probes, signature
 from torchgram._pytree import Inputs
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
-from torchgram._tape import Tape, Use, differentiable
+from torchgram._tape import Tape, TapeMismatch, Use, differentiable
 
 Tensor = torch.Tensor
 
@@ -99,11 +104,26 @@ class Options:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
-def linearise(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
-    """Run ``fn`` on ``inputs`` under the tape; see the module docstring."""
-    if options.batch_dim is None:
-        return _linearise_whole(fn, inputs, options)
-    return _linearise_per_sample(fn, inputs, options)
+def linearise(
+    fn: Callable[..., Any], inputs: Inputs, options: Options, probes: Probes | None = None
+) -> Linearised:
+    """Run ``fn`` on ``inputs`` under the tape; see the module docstring.
+
+    ``probes``: the calling transform's memory of earlier probes (None: probe every time).
+    """
+    run = _linearise_whole if options.batch_dim is None else _linearise_per_sample
+    key = None if probes is None else signature(inputs, options.batch_dim, options.has_aux)
+    remembered = None if probes is None else probes.take(key)
+    if remembered is not None:
+        with contextlib.suppress(TapeMismatch):  # fn uses its parameters differently now
+            result = run(fn, inputs, options, remembered)
+            probes.keep(key, remembered)  # type: ignore[union-attr]
+            return result
+    probed = _probe(fn, inputs, options)
+    result = run(fn, inputs, options, probed)
+    if probes is not None:
+        probes.keep(key, probed)
+    return result
 
 
 def _split(result: Any, options: Options) -> tuple[Tensor, Any]:
@@ -186,15 +206,37 @@ def _zero_taps(
     )
 
 
-def _probe(
-    fn: Callable[..., Any], inputs: Inputs, data: Sequence[Any], options: Options
-) -> tuple[Tape, torch.Size]:
-    """Run fn once under a shape-only tape; return it and the output shape.
+@contextlib.contextmanager
+def _refuse_mutation(caller: str) -> Iterator[None]:
+    """Turn torch.func's refusal to change a captured tensor in place into an error that says why.
+
+    Both the probe and the real run of fn run inside ``torch.func`` transforms, which refuse the
+    change before it happens.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if "mutate a captured Tensor" not in str(error):
+            raise
+        raise ValueError(
+            f"{caller}: fn changes in place a tensor it did not create ({error}). "
+            "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
+            "cause is BatchNorm in training mode updating its running statistics: call "
+            "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
+            "(or track_running_stats=False) to normalise with batch statistics without "
+            "updating any (then with batch_dim=None, as batch statistics mix samples)."
+        ) from None
+
+
+def _probe(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Probed:
+    """Run fn once under a shape-only tape (with ``batch_dim``, on its first sample).
 
     It runs inside a ``torch.func`` transform, like the real run, so that an in-place change of a
     tensor fn did not create is refused here, before it happens, with an error that says why.
     """
-    tape = Tape(inputs.params, None, options.caller, per_sample=options.batch_dim is not None)
+    per_sample = options.batch_dim is not None
+    data = inputs.first(1) if per_sample else inputs.data  # what each vmapped call sees
+    tape = Tape(inputs.params, None, options.caller, per_sample)
     shapes: list[torch.Size] = []
 
     def run(unused: Tensor) -> Tensor:
@@ -202,35 +244,33 @@ def _probe(
             shapes.append(_split(inputs.call(fn, data), options)[0].shape)
         return unused
 
-    try:
+    with _refuse_mutation(options.caller):
         vjp(run, torch.zeros(()))
-    except RuntimeError as error:
-        if "mutate a captured Tensor" not in str(error):
-            raise
-        raise ValueError(
-            f"{options.caller}: fn changes in place a tensor it did not create ({error}). "
-            "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
-            "cause is BatchNorm in training mode updating its running statistics: call "
-            "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
-            "(or track_running_stats=False) to normalise with batch statistics without "
-            "updating any (then with batch_dim=None, as batch statistics mix samples)."
-        ) from None
-    return tape, shapes[0]
+    return Probed(tape.tap_shapes, shapes[0])
 
 
-def _linearise_whole(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
-    probe, _ = _probe(fn, inputs, inputs.data, options)
-    taps = _zero_taps(probe.tap_shapes, None)
+def _check_taps(tape: Tape, probed: Probed, caller: str) -> None:
+    """No tap was left unused (each one was checked against its output as it was added)."""
+    if len(tape.tap_shapes) != len(probed.tap_shapes):
+        raise TapeMismatch(caller)
+
+
+def _linearise_whole(
+    fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
+) -> Linearised:
+    taps = _zero_taps(probed.tap_shapes, None)
     tape = Tape(inputs.params, taps, options.caller, per_sample=False)
     box = _Aux()
 
     def run(taps: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
         tape.taps = taps
-        with tape:
+        with _batchable_attention(), tape:  # the pull-back is vmapped over the output elements
             out, aux = _split(inputs.call(fn, inputs.data), options)
         return out, (tuple(tape.records), box.pack(aux))
 
-    (out, (records, aux)), pullback = _vjp(run, taps)
+    with _refuse_mutation(options.caller):
+        (out, (records, aux)), pullback = _vjp(run, taps)
+    _check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
     cotangents = _pull_back(pullback, out, out.shape) if taps else []
     return Linearised(
@@ -332,7 +372,8 @@ def _vmapped(
 
 def _batchable_attention() -> contextlib.AbstractContextManager[Any]:
     """The math kernel of scaled_dot_product_attention: the fused CPU kernels have no vmap
-    batching rule, and vmap's fallback would loop over the samples (about 4x slower)."""
+    batching rule (forward or backward), and vmap's fallback would loop over the samples or
+    output elements (about 4x slower)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - older torch
@@ -372,11 +413,12 @@ def _check_samples(
     )
 
 
-def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
+def _linearise_per_sample(
+    fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
+) -> Linearised:
     batch = _batch_size(inputs, options)
-    probe, shape = _probe(fn, inputs, inputs.first(1), options)  # what each vmapped call sees
-    b = _check_output(shape, options)
-    taps = _zero_taps(probe.tap_shapes, batch)
+    b = _check_output(probed.shape, options)
+    taps = _zero_taps(probed.tap_shapes, batch)
     tape = Tape(inputs.params, taps, options.caller, per_sample=True)
     run = _vmapped(fn, inputs, options, tape)
 
@@ -386,11 +428,15 @@ def _linearise_per_sample(fn: Callable[..., Any], inputs: Inputs, options: Optio
         out, records, aux, _ = run(list(inputs.data), taps)
         return out, (records, box.pack(aux))
 
-    (out, (records, aux)), pullback = _vjp(differentiable, taps)
+    with _refuse_mutation(options.caller):
+        (out, (records, aux)), pullback = _vjp(differentiable, taps)
+    _check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
-    if options.check_samples and batch >= 2 and not tape.random and not _under_vmap():
+    check = options.check_samples and not probed.samples_checked and batch >= 2
+    if check and not tape.random and not _under_vmap():
         with torch.no_grad():
             _check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
+        probed.samples_checked = True
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = _pull_back(pullback, out, per_sample) if taps else []
     return Linearised(

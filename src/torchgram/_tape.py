@@ -125,6 +125,17 @@ class Use:
         return self.func(*args, **kwargs)
 
 
+class TapeMismatch(RuntimeError):
+    """fn used the parameters differently from the run that gave the shapes of the taps."""
+
+    def __init__(self, caller: str) -> None:
+        super().__init__(
+            f"{caller}: fn used its parameters differently in two runs on the same inputs "
+            "(different ops or shapes). fn must be deterministic in which ops it applies to the "
+            "parameters."
+        )
+
+
 class CrossSampleOpError(ValueError):
     """fn called an op that mixes the samples of a batch while ``batch_dim`` was set."""
 
@@ -276,9 +287,5 @@ class Tape(TorchFunctionMode):
         if self.taps is None:
             return value
         if position >= len(self.taps) or self.taps[position].shape != value.shape:
-            raise RuntimeError(
-                f"{self.caller}: fn used its parameters differently in two runs on the same "
-                "inputs (different ops or shapes). fn must be deterministic in which ops it "
-                "applies to the parameters."
-            )
+            raise TapeMismatch(self.caller)
         return value + self.taps[position]

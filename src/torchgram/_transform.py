@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES
+from torchgram._memo import Probes
 from torchgram._pytree import InDims, Inputs, normalize_argnums, split_inputs
 from torchgram._run import Linearised, Options, linearise
 
@@ -50,12 +51,16 @@ def _linearise(
     argnums: tuple[int, ...],
     in_dims: InDims,
     options: Options,
+    probes: Probes | None = None,
 ) -> tuple[Inputs, Linearised]:
-    """Split the arguments and run fn under the tape: what every transform starts with."""
+    """Split the arguments and run fn under the tape: what every transform starts with.
+
+    ``probes``: the transform's memory of earlier probes (see :mod:`torchgram._memo`).
+    """
     if options.batch_dim is None:  # samples are not separated: in_dims play no part
         in_dims = None
     inputs = split_inputs(args, argnums, in_dims, options.caller)
-    return inputs, linearise(fn, inputs, options)
+    return inputs, linearise(fn, inputs, options, probes)
 
 
 def gramian_of(
@@ -101,11 +106,15 @@ def gramian_of(
         check_samples: With ``batch_dim``, check on the first two samples that fn run sample by
             sample equals fn run on them as a batch, and raise if not (ops that mix samples
             would otherwise give a wrong Gramian). Skipped when fn uses randomness or runs
-            under an outer ``vmap``.
+            under an outer ``vmap``. The transform returned here runs it on its first call for
+            each signature of the arguments (their structure, and the shape, dtype and device of
+            every tensor) and skips it on later calls with that signature, as it skips the
+            shape-only run of fn that precedes every fresh signature; so build the transform
+            once and call it in the loop. The eager forms check (and probe) on every call.
         max_chunk_bytes: The largest intermediate, in bytes, that the per-op rules build at
             once (blocks of ``[B, T, B, T]`` ghost products, per-sample gradients, unfolded
             convolution patches); larger work is split into chunks. Bounds peak memory, not
-            the result. Default 64 MiB.
+            the result. Default 24 MiB.
 
     Returns:
         A function with fn's positional arguments returning the Gramian (and aux).
@@ -125,10 +134,11 @@ def gramian_of(
     caller = f"gramian_of(fn, batch_dim={batch_dim})"
     options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
     numbers = normalize_argnums(argnums, caller)
+    probes = Probes()
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        _, run = _linearise(fn, args, numbers, in_dims, options)
+        _, run = _linearise(fn, args, numbers, in_dims, options, probes)
         G = run.gramian()
         return (G, run.aux) if has_aux else G
 
@@ -282,10 +292,11 @@ def jd_grad(
             f"{caller}: weighting must be a function from a Gramian to weights, e.g. "
             f"torchgram.weightings.upgrad, got {type(weighting).__name__}."
         )
+    probes = Probes()
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        inputs, run = _linearise(fn, args, numbers, in_dims, options)
+        inputs, run = _linearise(fn, args, numbers, in_dims, options, probes)
         weights = weighting(run.gramian())
         direction = inputs.unflatten_params(run.vjp(weights))
         return (direction, run.aux) if has_aux else direction

@@ -1,8 +1,9 @@
 """Convolutions ``conv1d``/``conv2d``/``conv3d``: the linear rule on unfolded patches, per group.
 
-Padding given to the op (numbers, ``'same'``, ``'valid'``) is applied to the recorded input here;
-other padding modes reach the op already padded (``F.pad`` runs before it), so every stride,
-dilation and group count is one :class:`~torchgram._factors_conv.Conv` factor.
+Zero padding given to the op (numbers, ``'same'``, ``'valid'``) goes to the factor, whose kernels
+pad as the op did (uneven ``'same'`` padding is applied to the recorded input here); other padding
+modes reach the op already padded (``F.pad`` runs before it). So every stride, dilation and group
+count is one :class:`~torchgram._factors_conv.Conv` factor.
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ def _per_dim(value: Any, n: int) -> tuple[int, ...]:
     return values * n if len(values) == 1 else values
 
 
-def _padding(value: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
-    """``F.pad`` amounts (last dimension first) for a conv's ``padding`` argument."""
+def _padding(
+    value: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]
+) -> list[tuple[int, int]]:
+    """``(before, after)`` zero padding per spatial dimension for a conv's ``padding`` argument."""
     n = len(kernel)
     if value == "valid":
-        pairs = [(0, 0)] * n
-    elif value == "same":  # as torch does it: the odd element of the total goes on the right
+        return [(0, 0)] * n
+    if value == "same":  # as torch does it: the odd element of the total goes on the right
         totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
-        pairs = [(total // 2, total - total // 2) for total in totals]
-    else:
-        pairs = [(p, p) for p in _per_dim(value, n)]
-    return [amount for pair in reversed(pairs) for amount in pair]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(p, p) for p in _per_dim(value, n)]
 
 
 def conv_rule(
@@ -58,16 +59,16 @@ def conv_rule(
     padding = _padding(argument(args, kwargs, 4, "padding") or 0, kernel, dilation)
     groups = int(argument(args, kwargs, 6, "groups") or 1)
     (cotangent,) = cotangents
-    K, B = cotangent.shape[:2]
+    B = cotangent.shape[1]
     x = records[x_ref.record]
     if x.dim() == n + 2:  # one unbatched image per sample: a batch of one
         x, cotangent = x.unsqueeze(1), cotangent.unsqueeze(2)
-    x = F.pad(x.flatten(0, 1), padding).unflatten(0, (B, -1)) if any(padding) else x
-    out_size = tuple(cotangent.shape[4:])
-    C_out = cotangent.shape[3]
-    # [K, B, N, C_out, *out] -> [K, B, N * L, G, C_out / G]: output positions are the tokens
-    D = cotangent.movedim(3, -1).reshape(K, B, -1, groups, C_out // groups)
-    factor = Conv(weight.index, x.movedim(2, -1), D, kernel, stride, dilation, out_size)
+    if any(before != after for before, after in padding):  # the kernel pads both sides alike
+        amounts = [amount for pair in reversed(padding) for amount in pair]
+        x = F.pad(x.flatten(0, 1), amounts).unflatten(0, (B, -1))
+        padding = [(0, 0)] * n
+    symmetric = tuple(before for before, _ in padding)
+    factor = Conv(weight.index, x, cotangent, kernel, stride, symmetric, dilation, groups)
     out: list[Contribution] = [(weight.leaf, factor)]
     if bias is not None:
         summed = cotangent.sum(dim=(2, *range(4, cotangent.dim())))

@@ -1,0 +1,87 @@
+"""What a transform remembers between its calls: the shapes its probe learned.
+
+Every call of a transform runs ``fn`` under the tape with one zero tap per tapped output, so it
+must know those outputs' shapes first: a probe (one shape-only run of fn) learns them, and with
+``batch_dim`` a check on two samples makes sure fn treats samples independently. A training loop
+calls one transform (``gramian_of(fn)``, ``jd_grad(fn, ...)``) many times with arguments of the
+same shapes, so each transform remembers, per signature of its arguments, what the probe learned
+and whether the check passed. Nothing else is kept, and the result never depends on it: the real
+run checks every tap against the output it is added to, and if fn now uses its parameters
+differently the entry is dropped and fn is probed again. The eager forms (``gramian``,
+``vjp_and_gramian``) remember nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+
+from torchgram._pytree import Inputs
+
+Tensor = torch.Tensor
+
+TapShapes = list[tuple[torch.Size, torch.dtype, torch.device]]
+
+
+@dataclass
+class Probed:
+    """What the probe learned about fn on one signature of its arguments.
+
+    Attributes:
+        tap_shapes: Shape, dtype and device of every tapped output, in order.
+        shape: fn's output shape (given one sample with ``batch_dim``).
+        samples_checked: Whether the sample check ran and passed.
+    """
+
+    tap_shapes: TapShapes
+    shape: torch.Size
+    samples_checked: bool = False
+
+
+class Probes:
+    """One transform's memory: :class:`Probed` for its ``size`` latest argument signatures."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: dict[Hashable, Probed] = {}
+
+    def take(self, key: Hashable | None) -> Probed | None:
+        """Remove and return what was learned on ``key`` (None if nothing, or no key)."""
+        return None if key is None else self._entries.pop(key, None)
+
+    def keep(self, key: Hashable | None, probed: Probed) -> None:
+        """Remember ``probed`` on ``key`` as the latest entry, forgetting the oldest ones."""
+        if key is None:
+            return
+        self._entries[key] = probed
+        for old in list(self._entries)[: -self.size]:
+            del self._entries[old]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def signature(inputs: Inputs, batch_dim: int | None, has_aux: bool) -> Hashable | None:
+    """Everything that can change which ops fn applies to the parameters, or None when some
+    argument cannot be hashed (then nothing is remembered for that call)."""
+    leaves = tuple(
+        (x.shape, x.dtype, x.device) if isinstance(x, Tensor) else (type(x), x)
+        for x in (*inputs.params, *inputs.data)
+    )
+    key = (
+        batch_dim,
+        has_aux,
+        torch.is_grad_enabled(),
+        inputs.argnums,
+        inputs.params_spec,
+        inputs.data_spec,
+        inputs.dims,
+        leaves,
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key

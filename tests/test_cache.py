@@ -1,0 +1,302 @@
+"""A transform's later calls on one argument signature skip the probe and the sample check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import flat_gramian
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+from zoo import cases
+
+import torchgram
+from torchgram import _run
+
+D = torch.float64
+
+
+class Counted:
+    """fn, counting its calls."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args)
+
+
+@pytest.fixture
+def probes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry per probe of fn."""
+    calls: list[None] = []
+    probe = _run._probe
+
+    def counting(*args: Any) -> Any:
+        calls.append(None)
+        return probe(*args)
+
+    monkeypatch.setattr(_run, "_probe", counting)
+    return calls
+
+
+def _params(dtype: torch.dtype = D) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "a": torch.randn(4, 5, dtype=dtype),
+        "b": torch.randn(5, dtype=dtype),
+        "c": torch.randn(5, 5, dtype=dtype),
+    }
+
+
+def _losses(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (torch.tanh(x @ w["a"]) @ w["b"] - y) ** 2
+
+
+def _data(batch: int = 6, dtype: torch.dtype = D) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 4, dtype=dtype), torch.randn(batch, dtype=dtype)
+
+
+def _assert_oracle(G: torch.Tensor, fn: Callable[..., Any], *args: Any) -> None:
+    expected = flat_gramian(fn, *args)
+    assert torch.allclose(G.reshape(expected.shape), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_later_calls_run_fn_once() -> None:
+    fn = Counted(_losses)
+    w, (x, y) = _params(), _data()
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    transform(w, x, y)
+    assert fn.calls == 3  # probe, run, sample check
+    G = transform(w, x + 1, y)  # new values, same signature
+    assert fn.calls == 4
+    _assert_oracle(G, _losses, w, x + 1, y)
+    transform(w, *_data(batch=5))
+    assert fn.calls == 7
+    transform(_params(torch.float32), *_data(dtype=torch.float32))
+    assert fn.calls == 10
+    whole = torchgram.gramian_of(fn)  # batch_dim=None: no sample check
+    whole(w, x, y)
+    assert fn.calls == 12
+    whole(w, x, y)
+    assert fn.calls == 13
+    with torch.no_grad():
+        whole(w, x, y)
+    assert fn.calls == 15
+
+
+def test_eager_forms_remember_nothing() -> None:
+    fn = Counted(_losses)
+    w, (x, y) = _params(), _data()
+    for calls in [3, 6]:
+        torchgram.gramian(fn, w, x, y, batch_dim=0)
+        assert fn.calls == calls
+    for calls in [9, 12]:
+        torchgram.vjp_and_gramian(fn, w, x, y, batch_dim=0)
+        assert fn.calls == calls
+
+
+def test_only_the_latest_signatures_are_kept() -> None:
+    fn = Counted(_losses)
+    w = _params()
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    for batch in range(2, 11):  # nine signatures
+        transform(w, *_data(batch))
+    assert fn.calls == 27
+    transform(w, *_data(10))
+    assert fn.calls == 28
+    transform(w, *_data(2))  # the oldest was forgotten
+    assert fn.calls == 31
+
+
+def test_non_tensor_arguments_are_part_of_the_signature() -> None:
+    def fn(w, x, y, power):
+        return _losses(w, x, y) ** power
+
+    counted = Counted(fn)
+    transform = torchgram.gramian_of(counted, batch_dim=0)
+    w, (x, y) = _params(), _data()
+    for power, calls in [(2, 3), (2, 4), (3, 7)]:
+        G = transform(w, x, y, power)
+        assert counted.calls == calls
+    _assert_oracle(G, fn, w, x, y, 3)
+
+
+def test_unhashable_arguments_are_not_remembered() -> None:
+    def fn(w, x, y, columns):
+        return _losses(w, x[:, sorted(columns)], y)
+
+    counted = Counted(fn)
+    transform = torchgram.gramian_of(counted, batch_dim=0)
+    w, (x, y) = _params(), _data()
+    w = {**w, "a": w["a"][:2]}
+    for calls in [3, 6]:
+        G = transform(w, x, y, {0, 2})
+        assert counted.calls == calls
+    _assert_oracle(G, fn, w, x, y, {0, 2})
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "lstm"])
+def test_remembered_calls_match_oracle(name: str, batch_dim: int | None) -> None:
+    case = cases()[name]
+    fn = Counted(case.fn)
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    for args in [case.args, tuple(torch.randn_like(x) for x in case.args)]:
+        G = transform(case.params, *args)
+        _assert_oracle(G, case.fn, case.params, *args)
+    assert fn.calls == (4 if batch_dim == 0 else 3)
+
+
+def _uses(mode: str, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn's parameter uses: one per layer, one more at the end, or narrower ones."""
+    if mode == "narrow":
+        return (torch.tanh(x @ w["a"][:, :3]) @ w["b"][:3]) ** 2
+    h = torch.tanh(x @ w["a"])
+    out = (h @ w["b"]) ** 2
+    if mode == "more":
+        out = out + (h @ w["c"]).pow(2).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize(
+    "first, then", [("one", "more"), ("more", "one"), ("one", "narrow"), ("narrow", "one")]
+)
+def test_fn_that_changes_its_uses_is_probed_again(
+    first: str, then: str, batch_dim: int | None, probes: list[None]
+) -> None:
+    mode = [first]
+
+    def fn(w, x):
+        return _uses(mode[0], w, x)
+
+    w, (x, _) = _params(), _data()
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    for current, probed in [(first, 1), (then, 2), (then, 2)]:
+        mode[0] = current
+        G = transform(w, x)
+        assert len(probes) == probed
+        _assert_oracle(G, fn, w, x)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("start", [0, 1])
+def test_fn_that_changes_its_uses_between_probe_and_run_is_refused(
+    start: int, batch_dim: int | None
+) -> None:
+    calls = [start]
+
+    def fn(w, x):
+        calls[0] += 1
+        return _uses("more" if calls[0] % 2 else "one", w, x)
+
+    with pytest.raises(RuntimeError, match="fn used its parameters differently in two runs"):
+        torchgram.gramian(fn, _params(), _data()[0], batch_dim=batch_dim)
+
+
+def test_samples_are_checked_until_the_check_passed() -> None:
+    def mixes(w, x, y):
+        h = _losses(w, x, y)
+        return h - h.mean(0, keepdim=True)
+
+    w, (x, y) = _params(), _data()
+    transform = torchgram.gramian_of(mixes, batch_dim=0)
+    for _ in range(2):  # a failed call leaves nothing behind
+        with pytest.raises(ValueError, match="does not treat samples independently"):
+            transform(w, x, y)
+
+    fn = Counted(_losses)
+    unchecked = torchgram.gramian_of(fn, batch_dim=0, check_samples=False)
+    for calls in [2, 3]:  # probe and run, then the run
+        unchecked(w, x, y)
+        assert fn.calls == calls
+
+
+X = torch.randn(5, 4, dtype=D)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_batchnorm_switched_to_training_is_refused(
+    batch_dim: int | None, probes: list[None]
+) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fn(params, x):
+        return functional_call(model, params, (x,)).pow(2).sum(-1)
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    _assert_oracle(transform(params, X), fn, params, X)
+    model.train()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.raises(ValueError, match="changes in place a tensor it did not create.*eval"):
+        transform(params, X)
+    assert len(probes) == 1  # refused in the run with remembered shapes
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name])
+    model.eval()
+    _assert_oracle(transform(params, X), fn, params, X)
+
+
+def test_batch_statistics_on_a_remembered_signature_are_refused(probes: list[None]) -> None:
+    mean, var = torch.zeros(5, dtype=D), torch.ones(5, dtype=D)
+    training = [False]
+
+    def fn(w, x):
+        return F.batch_norm(x @ w["a"], mean, var, training=training[0]).pow(2).sum(-1)
+
+    w = _params()
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    transform(w, X)
+    training[0] = True
+    with pytest.raises(ValueError, match="batch_norm in training mode"):
+        transform(w, X)
+    assert len(probes) == 1
+    assert torch.equal(mean, torch.zeros(5, dtype=D)) and torch.equal(var, torch.ones(5, dtype=D))
+
+
+def test_each_transform_remembers_on_its_own() -> None:
+    w, (x, y) = _params(), _data()
+    expected = flat_gramian(_losses, w, x, y)
+    gradient = grad(lambda w: _losses(w, x, y).sum())(w)
+
+    with_aux = Counted(lambda w, x, y: (_losses(w, x, y), {"x": x}))
+    transform = torchgram.gramian_of(with_aux, batch_dim=0, has_aux=True)
+    for _ in range(2):
+        G, aux = transform(w, x, y)
+        assert torch.allclose(G, expected, rtol=1e-10) and torch.equal(aux["x"], x)
+    assert with_aux.calls == 4
+
+    fn = Counted(_losses)
+    gramian_fn = torchgram.gramian_of(fn, batch_dim=0)
+    step_fn = torchgram.jd_grad(fn, torchgram.weightings.sum, batch_dim=0)
+    for _ in range(2):
+        assert torch.allclose(gramian_fn(w, x, y), expected, rtol=1e-10)
+        step = step_fn(w, x, y)
+        assert all(torch.allclose(step[k], gradient[k], rtol=1e-10) for k in w)
+    assert fn.calls == 2 * 3 + 2  # each transform probes and checks once, then runs fn once
+
+
+def test_remembered_under_an_outer_vmap() -> None:
+    members = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double() for _ in "abc"]
+    stacked, _ = stack_module_state(members)
+    base = members[0]
+
+    def losses(model):
+        return lambda params, x, y: (functional_call(model, params, (x,)).squeeze(-1) - y) ** 2
+
+    fn = Counted(losses(base))
+    transform = vmap(torchgram.gramian_of(fn, batch_dim=0), in_dims=(0, None, None))
+    for _ in range(2):
+        x, y = _data()
+        G = transform(stacked, x, y)
+        for i, member in enumerate(members):
+            params = {k: v.detach() for k, v in member.named_parameters()}
+            _assert_oracle(G[i], losses(member), params, x, y)
+    assert fn.calls == 3  # probe and run, then one run; no sample check under vmap
