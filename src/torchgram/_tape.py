@@ -197,6 +197,8 @@ class Tape(TorchFunctionMode):
         if name in RNN_OPS and not kwargs:
             with self:
                 return run_recurrent(name, args, self.caller)
+        if not self._may_use_params(args, kwargs):
+            return func(*args, **kwargs)
         leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
         slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in self._views]
         if not slots:
@@ -209,6 +211,18 @@ class Tape(TorchFunctionMode):
             with self:
                 return _without_dispatch(func)(*args, **kwargs)
         return self._record(func, leaves, spec, slots, func(*args, **kwargs))
+
+    def _may_use_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        """False when no argument is a parameter (view), seen without flattening: most ops take
+        flat arguments, and this check runs on every op fn calls."""
+        views = self._views
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Tensor):
+                if id(value) in views:
+                    return True
+            elif isinstance(value, (list, tuple, dict)):
+                return True  # nested: flatten to see
+        return False
 
     def _check_op(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         if name in _DROPOUTS:
