@@ -10,7 +10,9 @@ A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
   non-parameter inputs (returned from the run so that they outlive ``vmap``), and the shapes of its
   floating-point outputs;
 - adds a zero "tap" to each such output (second run), so that one reverse pass with respect to the
-  taps yields the output cotangent of every use.
+  taps yields the output cotangent of every use; for ops whose parameters are small next to their
+  output (norms' affine parameters, broadcast scales and biases: ``PARAMETER_TAPPED``) the taps go
+  on the parameter arguments instead, and the reverse pass yields their per-sample gradients.
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ _RANDOM_OPS = frozenset(
     {"bernoulli", "rand_like", "randn_like", "randint_like", "normal", "multinomial", "rand"}
     | {"randn", "randint", "randperm", "native_dropout", "uniform_", "normal_", "bernoulli_"}
 )
+# Ops whose parameters are small next to their output (the affine parameters of norms; scales,
+# shifts and biases broadcast by elementwise ops): the taps go on the parameter arguments, so the
+# pull-back yields their per-sample gradients directly and the output cotangent is never kept.
+PARAMETER_TAPPED = frozenset(
+    {
+        "layer_norm", "group_norm", "rms_norm",
+        "mul", "__mul__", "__rmul__", "multiply", "add", "__add__", "__radd__", "sub", "__sub__",
+        "subtract", "__rsub__", "rsub", "div", "__truediv__", "__rtruediv__", "true_divide",
+        "divide",
+    }
+)  # fmt: skip
 _DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
 
 
@@ -91,9 +104,12 @@ class Use:
             non-parameter tensors a DataRef.
         data: Leaf positions that hold a DataRef.
         params: Leaf positions that hold a ParamView.
-        out_spec: Tree structure of the output.
-        tapped: Output leaf positions that are floating-point tensors (and received a tap).
+        out_spec: Tree structure of the output (None when ``on_params``).
+        tapped: Output leaf positions that are floating-point tensors (and received a tap); with
+            ``on_params``, the parameter slots (each received a tap).
         first_tap: Position of this use's first tap among all taps.
+        on_params: Whether the taps went on the parameter arguments instead of the outputs, so
+            that their cotangents are the per-sample gradients of the parameter views.
     """
 
     func: Callable[..., Any]
@@ -104,6 +120,7 @@ class Use:
     out_spec: Any
     tapped: list[int]
     first_tap: int
+    on_params: bool = False
 
     @property
     def name(self) -> str:
@@ -210,6 +227,8 @@ class Tape(TorchFunctionMode):
         ):
             with self:
                 return _without_dispatch(func)(*args, **kwargs)
+        if name in PARAMETER_TAPPED:
+            return self._record_on_params(func, leaves, spec, slots)
         return self._record(func, leaves, spec, slots, func(*args, **kwargs))
 
     def _may_use_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -280,6 +299,29 @@ class Tape(TorchFunctionMode):
         tapped = [i for i, v in enumerate(out_leaves) if differentiable(v)]
         if not tapped:  # no differentiable output (sizes, masks, ...): nothing flows back
             return out
+        stored, data = self._store(leaves, slots)
+        use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
+        self.uses.append(use)
+        for i in tapped:
+            out_leaves[i] = self._tap(out_leaves[i])
+        return optree.tree_unflatten(out_spec, out_leaves)
+
+    def _record_on_params(
+        self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int]
+    ) -> Any:
+        """Record a use whose taps go on its parameter arguments (see ``PARAMETER_TAPPED``)."""
+        stored, data = self._store(leaves, slots)
+        use = Use(func, spec, stored, data, slots, None, slots, len(self.tap_shapes), True)
+        self.uses.append(use)
+        tapped = list(leaves)
+        for i in slots:
+            tapped[i] = self._tap(leaves[i])
+        args, kwargs = optree.tree_unflatten(spec, tapped)
+        return func(*args, **kwargs)
+
+    def _store(self, leaves: list[Any], slots: list[int]) -> tuple[list[Any], list[int]]:
+        """A use's leaves with ParamView and DataRef in place of tensors (the data recorded),
+        and the positions of the data."""
         stored: list[Any] = list(leaves)
         data: list[int] = []
         for i, value in enumerate(leaves):
@@ -289,11 +331,7 @@ class Tape(TorchFunctionMode):
                 data.append(i)
                 stored[i] = DataRef(len(self.records))
                 self.records.append(value)
-        use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
-        self.uses.append(use)
-        for i in tapped:
-            out_leaves[i] = self._tap(out_leaves[i])
-        return optree.tree_unflatten(out_spec, out_leaves)
+        return stored, data
 
     def _tap(self, value: Tensor) -> Tensor:
         position = len(self.tap_shapes)

@@ -7,9 +7,10 @@ generic rule, exact for every op, takes over. One module per family of ops:
 - :mod:`.linear`: ``linear``, ``matmul``/``mm``/``@``, ``einsum``;
 - :mod:`.conv`: ``conv1d``/``conv2d``/``conv3d``;
 - :mod:`.embedding`: ``embedding``;
-- :mod:`.norm`: ``layer_norm``, ``group_norm``, ``rms_norm`` affine parameters;
-- :mod:`.elementwise`: ``mul``/``add``/``sub``/``div`` with a broadcast parameter;
 - :mod:`.generic`: everything else (the per-op per-sample vjp).
+
+Uses whose taps went on their parameter arguments (``Use.on_params``: norms' affine parameters,
+broadcast scales, shifts and biases) need no rule: their cotangents are the per-sample gradients.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from torchgram._rules import conv, elementwise, embedding, linear, norm
+from torchgram._factors import Dense
+from torchgram._rules import conv, embedding, linear
 from torchgram._rules.common import Contribution, Rule
 from torchgram._rules.generic import generic_factors
 from torchgram._tape import Use
@@ -29,8 +31,6 @@ RULES: dict[str, Rule] = {
     **linear.RULES,
     **conv.RULES,
     **embedding.RULES,
-    **norm.RULES,
-    **elementwise.RULES,
 }
 
 __all__ = ["RULES", "generic_factors", "rule_names", "use_factors"]
@@ -54,7 +54,8 @@ def rule_names(
 ) -> list[tuple[str, str]]:
     """``(op name, rule)`` for every use, the rule being the op's name or ``"generic"``.
 
-    A debugging aid (and what the tests use to check that common layers take a fast rule):
+    A debugging aid (and what the tests use to check that common layers take a fast rule;
+    uses tapped on their parameters are named ``"parameters"``):
     ``cotangents`` are all the tapped outputs' cotangents, as in ``Linearised``.
     """
     names = []
@@ -67,9 +68,15 @@ def rule_names(
 def _factors_and_rule(
     use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
 ) -> tuple[list[Contribution], str]:
+    if use.on_params:
+        views = [use.leaves[slot] for slot in use.params]
+        factors: list[Contribution] = [
+            (view.leaf, Dense(view.index, g)) for view, g in zip(views, cotangents, strict=True)
+        ]
+        return factors, "parameters"
     rule = RULES.get(use.name)
     if rule is not None:
-        factors = rule(use, records, cotangents)
-        if factors is not None:
-            return factors, use.name
+        found = rule(use, records, cotangents)
+        if found is not None:
+            return found, use.name
     return generic_factors(use, records, cotangents), "generic"
