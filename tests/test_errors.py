@@ -157,6 +157,44 @@ def test_hidden_cross_sample_mixing_is_caught() -> None:
     assert torch.allclose(G, flat_gramian(mixes, W, X), rtol=1e-10)
 
 
+def _writes(kind):
+    def fn(params, x):
+        h = torch.sin(x @ params["w"])
+        s = params["s"]
+        if kind == "item assignment":
+            h[..., 0] = s[0]  # would silently drop s
+        elif kind == "augmented":
+            h += s
+        elif kind == "method":
+            h.mul_(s)
+        elif kind == "parameter":
+            s.add_(1)
+        else:
+            torch.mul(s, 2, out=s[:])  # into a view of the parameter
+        return (h * s).pow(2).sum(-1)
+
+    return fn
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("item assignment", "__setitem__ in place"),
+        ("augmented", "add_ in place"),
+        ("method", "mul_ in place"),
+        ("parameter", "add_ in place"),
+        ("out", "mul with out="),
+    ],
+)
+def test_writing_with_a_parameter_is_refused(kind, name, batch_dim) -> None:
+    params = {**W, "s": torch.randn(3, dtype=torch.float64)}
+    s = params["s"].clone()
+    with pytest.raises(ValueError, match=f"fn calls {name} with a parameter.*out-of-place form"):
+        torchgram.gramian(_writes(kind), params, X, batch_dim=batch_dim)
+    assert torch.equal(params["s"], s)
+
+
 def test_nothing_left_behind_after_errors() -> None:
     x = X.clone()
     w = W["w"].clone()

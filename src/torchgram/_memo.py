@@ -5,10 +5,12 @@ must know those outputs' shapes first: a probe (one shape-only run of fn) learns
 ``batch_dim`` a check on two samples makes sure fn treats samples independently. A training loop
 calls one transform (``gramian_of(fn)``, ``jd_grad(fn, ...)``) many times with arguments of the
 same shapes, so each transform remembers, per signature of its arguments, what the probe learned
-and whether the check passed. Nothing else is kept, and the result never depends on it: the real
-run checks every tap against the output it is added to, and if fn now uses its parameters
-differently the entry is dropped and fn is probed again. The eager forms (``gramian``,
-``vjp_and_gramian``) remember nothing.
+and whether the check passed. Nothing else is kept. The shapes cannot make a result wrong: the
+real run checks every tap against the output it is added to, and if fn now uses its parameters
+differently the entry is dropped and fn is probed again. The sample check is not repeated on a
+signature where it passed. The memory belongs to the transform object, as ``jax.jit``'s cache
+does (the one exception to "no state between calls", for a training loop's sake); the eager forms
+(``gramian``, ``vjp_and_gramian``) remember nothing.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Probes:
         if key is None:
             return
         self._entries[key] = probed
-        for old in list(self._entries)[: -self.size]:
+        for old in list(self._entries)[: max(len(self._entries) - self.size, 0)]:
             del self._entries[old]
 
     def __len__(self) -> int:
@@ -74,6 +76,7 @@ def signature(inputs: Inputs, batch_dim: int | None, has_aux: bool) -> Hashable 
         batch_dim,
         has_aux,
         torch.is_grad_enabled(),
+        _autocast_state(),
         inputs.argnums,
         inputs.params_spec,
         inputs.data_spec,
@@ -85,3 +88,10 @@ def signature(inputs: Inputs, batch_dim: int | None, has_aux: bool) -> Hashable 
     except TypeError:
         return None
     return key
+
+
+def _autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
+    """Whether autocast is on, and its dtype, on the devices it exists for: it changes the
+    dtypes of ops' outputs, and so of the taps."""
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices)

@@ -55,8 +55,16 @@ PARAMETER_TAPPED = frozenset(
     {
         "layer_norm", "group_norm", "rms_norm",
         "mul", "__mul__", "__rmul__", "multiply", "add", "__add__", "__radd__", "sub", "__sub__",
-        "subtract", "__rsub__", "rsub", "div", "__truediv__", "__rtruediv__", "true_divide",
+        "subtract", "__rsub__", "rsub", "div", "__truediv__", "__rdiv__", "true_divide",
         "divide",
+    }
+)  # fmt: skip
+# In-place operators and item assignment (the other in-place ops end with "_").
+_IN_PLACE_DUNDERS = frozenset(
+    {
+        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
+        "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+        "__ilshift__", "__irshift__",
     }
 )  # fmt: skip
 _DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
@@ -220,6 +228,7 @@ class Tape(TorchFunctionMode):
         slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in self._views]
         if not slots:
             return func(*args, **kwargs)
+        self._refuse_in_place(name, kwargs)
         if name in _VIEW_OPS and self._only_tensor(leaves, slots, name):
             return self._follow_view(func, name, leaves, spec, slots[0])
         if isinstance(func, FunctionType) and any(
@@ -262,6 +271,22 @@ class Tape(TorchFunctionMode):
                     "to use running statistics, replace BatchNorm with GroupNorm or LayerNorm, or "
                     "pass batch_dim=None (exact with batch statistics)."
                 )
+
+    def _refuse_in_place(self, name: str, kwargs: dict[str, Any]) -> None:
+        """Refuse an op that writes into a tensor while reading a parameter: its result is the
+        written tensor, so a tap on it would not reach what the parameter changed (item
+        assignment would silently lose the parameter), and its record could change."""
+        writes = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+        if not writes and kwargs.get("out") is None:
+            return
+        how = "with out=" if not writes else "in place"
+        raise ValueError(
+            f"{self.caller}: fn calls {name} {how} with a parameter among its arguments. The "
+            "Gramian is computed from each use's result, and an op that writes into a tensor "
+            "(or into the parameter itself) does not give one that can be tracked. Use the "
+            "out-of-place form instead: h = h + w for h += w, h = h * w for h.mul_(w), "
+            "torch.cat or torch.where instead of assigning a parameter into h[...]."
+        )
 
     def _only_tensor(self, leaves: list[Any], slots: list[int], name: str) -> bool:
         """Whether a view op's only tensor input is the one parameter view it reads."""
@@ -340,4 +365,7 @@ class Tape(TorchFunctionMode):
             return value
         if position >= len(self.taps) or self.taps[position].shape != value.shape:
             raise TapeMismatch(self.caller)
-        return value + self.taps[position]
+        tap = self.taps[position]
+        # Under autocast an op may give another dtype than in the probe: the tap takes the
+        # output's dtype, so that fn computes exactly what it computes without the tape.
+        return value + (tap if tap.dtype == value.dtype else tap.to(value.dtype))

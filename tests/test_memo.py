@@ -1,4 +1,4 @@
-"""A transform's later calls on one argument signature skip the probe and the sample check."""
+"""A transform remembers its probe and sample check per argument signature (torchgram._memo)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from zoo import cases
 
 import torchgram
-from torchgram import _run
+from torchgram import _memo, _run
 
 D = torch.float64
 
@@ -112,6 +112,16 @@ def test_only_the_latest_signatures_are_kept() -> None:
     assert fn.calls == 28
     transform(w, *_data(2))  # the oldest was forgotten
     assert fn.calls == 31
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_probes_keep_their_size(size: int) -> None:
+    probed = _memo.Probed([], torch.Size(()))
+    probes = _memo.Probes(size)
+    for key in range(5):
+        probes.keep(key, probed)
+    assert len(probes) == size
+    assert (probes.take(4) is probed) == (size > 0)
 
 
 def test_non_tensor_arguments_are_part_of_the_signature() -> None:
@@ -300,3 +310,23 @@ def test_remembered_under_an_outer_vmap() -> None:
             params = {k: v.detach() for k, v in member.named_parameters()}
             _assert_oracle(G[i], losses(member), params, x, y)
     assert fn.calls == 3  # probe and run, then one run; no sample check under vmap
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_autocast_is_part_of_the_signature(batch_dim: int | None) -> None:
+    """Taps learned without autocast would change the dtypes fn computes in under it."""
+    w = _params(torch.float32)
+    x, y = _data(dtype=torch.float32)
+
+    def fn(w, x, y):
+        hidden = x @ w["a"]
+        return (torch.tanh(hidden) @ w["b"] - y) ** 2, hidden.dtype
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim, has_aux=True)
+    _, dtype = transform(w, x, y)
+    assert dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        G, dtype = transform(w, x, y)
+        fresh, fresh_dtype = torchgram.gramian(fn, w, x, y, batch_dim=batch_dim, has_aux=True)
+        assert dtype == fresh_dtype == fn(w, x, y)[1] == torch.bfloat16
+    assert torch.equal(G, fresh)
