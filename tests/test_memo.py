@@ -35,13 +35,13 @@ class Counted:
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     """One entry per probe of fn."""
     calls: list[None] = []
-    probe = _run._probe
+    probe = _run.probe
 
     def counting(*args: Any) -> Any:
         calls.append(None)
         return probe(*args)
 
-    monkeypatch.setattr(_run, "_probe", counting)
+    monkeypatch.setattr(_run, "probe", counting)
     return calls
 
 

@@ -1,16 +1,18 @@
-"""Run ``fn`` under the tape and pull back one-hot cotangents to the output of every use.
+"""Run ``fn`` under the tape and pull back one-hot cotangents to every tap.
 
-Two runs of ``fn``:
+Two runs of ``fn`` (see :mod:`torchgram._probe` for the first):
 
-1. a probe that only learns the shapes of the tapped outputs (with ``batch_dim``, on a batch of
+1. a probe that only learns the shapes of the tapped tensors (with ``batch_dim``, on a batch of
    one sample, which is what every vmapped call sees);
-2. the real run, under ``torch.func.vjp`` with respect to zero taps added to those outputs (with
+2. the real run, under ``torch.func.vjp`` with respect to zero taps added to those tensors (with
    ``batch_dim``, under ``torch.func.vmap`` over the samples, each call seeing a batch of one).
    Its first two samples are then compared with fn run on them as one batch, which catches ops
    that mix samples.
 
 The vjp is then applied to one one-hot cotangent per non-batch output element (vmapped), which
-gives the cotangents ``[K, B, ...]`` of every use's output. Parameter gradients are never formed.
+gives the cotangents ``[K, B, ...]`` of every tap: of a use's output, or, for a use tapped on its
+parameters, the per-sample gradients of those parameters. Gradients of whole parameter leaves are
+never formed.
 
 A transform built once (``gramian_of``, ``jd_grad``) remembers what the probe learned, and that the
 sample check passed, per signature of its arguments (see :mod:`torchgram._memo`), so that a
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +34,11 @@ from torch.func import vjp, vmap
 from torchgram._assemble import gramian_of_factors, weighted_gradients
 from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
 from torchgram._memo import Probed, Probes, signature
+from torchgram._probe import check_taps, probe, refuse_mutation, split_output
 from torchgram._pytree import Inputs
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
-from torchgram._tape import Tape, TapeMismatch, Use, differentiable
+from torchgram._tape import Tape, TapeMismatch, Use
 
 Tensor = torch.Tensor
 
@@ -49,7 +52,7 @@ class Linearised:
         aux: fn's auxiliary output (None without has_aux).
         uses: The recorded uses.
         records: The data inputs of the uses, each ``[B, ...]``.
-        cotangents: For each tapped output, ``[K, B, ...]``.
+        cotangents: For each tap (a use's output, or its parameter arguments), ``[K, B, ...]``.
         params: The flattened parameter leaves.
         batch_dim: Where the samples lie in ``out``, or None (then ``B = 1``).
         chunk_bytes: Largest intermediate the rules may build at once (see ``Options``).
@@ -119,38 +122,11 @@ def linearise(
             result = run(fn, inputs, options, remembered)
             probes.keep(key, remembered)  # type: ignore[union-attr]
             return result
-    probed = _probe(fn, inputs, options)
+    probed = probe(fn, inputs, options.batch_dim is not None, options.has_aux, options.caller)
     result = run(fn, inputs, options, probed)
     if probes is not None:
         probes.keep(key, probed)
     return result
-
-
-def _split(result: Any, options: Options) -> tuple[Tensor, Any]:
-    caller = options.caller
-    if options.has_aux:
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise TypeError(
-                f"{caller}: has_aux=True but fn returned a {type(result).__name__}, not a pair. "
-                "Return (output, aux), or set has_aux=False."
-            )
-        out, aux = result
-    else:
-        out, aux = result, None
-    if not isinstance(out, Tensor):
-        hint = (
-            " If fn returns (output, aux), set has_aux=True." if isinstance(result, tuple) else ""
-        )
-        raise TypeError(
-            f"{caller}: fn must return a tensor (the output whose Jacobian's Gramian is "
-            f"computed), but it returned a {type(out).__name__}.{hint}"
-        )
-    if not differentiable(out):
-        raise TypeError(
-            f"{caller}: fn's output has dtype {out.dtype}; it must be floating-point to have "
-            "gradients."
-        )
-    return out, aux
 
 
 def _no_pullback(*cotangents: Tensor) -> tuple[()]:
@@ -206,55 +182,6 @@ def _zero_taps(
     )
 
 
-@contextlib.contextmanager
-def _refuse_mutation(caller: str) -> Iterator[None]:
-    """Turn torch.func's refusal to change a captured tensor in place into an error that says why.
-
-    Both the probe and the real run of fn run inside ``torch.func`` transforms, which refuse the
-    change before it happens.
-    """
-    try:
-        yield
-    except RuntimeError as error:
-        if "mutate a captured Tensor" not in str(error):
-            raise
-        raise ValueError(
-            f"{caller}: fn changes in place a tensor it did not create ({error}). "
-            "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
-            "cause is BatchNorm in training mode updating its running statistics: call "
-            "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
-            "(or track_running_stats=False) to normalise with batch statistics without "
-            "updating any (then with batch_dim=None, as batch statistics mix samples)."
-        ) from None
-
-
-def _probe(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Probed:
-    """Run fn once under a shape-only tape (with ``batch_dim``, on its first sample).
-
-    It runs inside a ``torch.func`` transform, like the real run, so that an in-place change of a
-    tensor fn did not create is refused here, before it happens, with an error that says why.
-    """
-    per_sample = options.batch_dim is not None
-    data = inputs.first(1) if per_sample else inputs.data  # what each vmapped call sees
-    tape = Tape(inputs.params, None, options.caller, per_sample)
-    shapes: list[torch.Size] = []
-
-    def run(unused: Tensor) -> Tensor:
-        with torch.no_grad(), tape:
-            shapes.append(_split(inputs.call(fn, data), options)[0].shape)
-        return unused
-
-    with _refuse_mutation(options.caller):
-        vjp(run, torch.zeros(()))
-    return Probed(tape.tap_shapes, shapes[0])
-
-
-def _check_taps(tape: Tape, probed: Probed, caller: str) -> None:
-    """No tap was left unused (each one was checked against its output as it was added)."""
-    if len(tape.tap_shapes) != len(probed.tap_shapes):
-        raise TapeMismatch(caller)
-
-
 def _linearise_whole(
     fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
 ) -> Linearised:
@@ -265,12 +192,12 @@ def _linearise_whole(
     def run(taps: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
         tape.taps = taps
         with _batchable_attention(), tape:  # the pull-back is vmapped over the output elements
-            out, aux = _split(inputs.call(fn, inputs.data), options)
+            out, aux = split_output(inputs.call(fn, inputs.data), options.has_aux, options.caller)
         return out, (tuple(tape.records), box.pack(aux))
 
-    with _refuse_mutation(options.caller):
+    with refuse_mutation(options.caller):
         (out, (records, aux)), pullback = _vjp(run, taps)
-    _check_taps(tape, probed, options.caller)
+    check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
     cotangents = _pull_back(pullback, out, out.shape) if taps else []
     return Linearised(
@@ -348,7 +275,7 @@ def _vmapped(
     def per_sample(taps: tuple[Tensor, ...], data: list[Any]) -> Any:
         tape.taps = taps
         with tape:
-            out, aux = _split(inputs.call(fn, data), options)
+            out, aux = split_output(inputs.call(fn, data), options.has_aux, options.caller)
         leaves, spec = optree.tree_flatten(aux, none_is_leaf=True)
         aux_parts[:] = [spec, leaves]
         return out, tuple(tape.records), tuple(x for x in leaves if isinstance(x, Tensor))
@@ -393,7 +320,7 @@ def _check_samples(
     fn: Callable[..., Any], inputs: Inputs, data: list[Any], per_sample: Tensor, options: Options
 ) -> None:
     """Compare fn run sample by sample with fn run on the same samples as one batch."""
-    batched, _ = _split(inputs.call(fn, data), options)
+    batched, _ = split_output(inputs.call(fn, data), options.has_aux, options.caller)
     if batched.shape == per_sample.shape:
         scale = batched.abs().max().clamp(min=1)
         tolerance = torch.finfo(batched.dtype).eps ** 0.5
@@ -428,9 +355,9 @@ def _linearise_per_sample(
         out, records, aux, _ = run(list(inputs.data), taps)
         return out, (records, box.pack(aux))
 
-    with _refuse_mutation(options.caller):
+    with refuse_mutation(options.caller):
         (out, (records, aux)), pullback = _vjp(differentiable, taps)
-    _check_taps(tape, probed, options.caller)
+    check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
     check = options.check_samples and not probed.samples_checked and batch >= 2
     if check and not tape.random and not _under_vmap():

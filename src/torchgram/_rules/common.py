@@ -38,30 +38,3 @@ def transposed_region(view: ParamView) -> Tensor:
 def tokens(x: Tensor, batch: int) -> Tensor:
     """``[B, ..., d]`` -> ``[B, T, d]``."""
     return x.reshape(batch, -1, x.shape[-1])
-
-
-def sum_to_shape(g: Tensor, shape: torch.Size) -> Tensor:
-    """``[K, B, *S]`` -> ``[K, B, *shape]`` by summing the dimensions that ``shape`` broadcasts.
-
-    ``shape`` must broadcast to ``S`` (as a parameter broadcasts to the output it helped make).
-    """
-    extra = g.dim() - 2 - len(shape)
-    if extra < 0:
-        raise ValueError(f"cannot reduce {list(g.shape[2:])} to {list(shape)}")
-    if extra:
-        g = g.sum(dim=tuple(range(2, 2 + extra)))
-    dims = tuple(2 + d for d, size in enumerate(shape) if size == 1 and g.shape[2 + d] != 1)
-    if dims:
-        g = g.sum(dim=dims, keepdim=True)
-    return g.reshape(*g.shape[:2], *shape)
-
-
-def per_sample(record: Tensor, rank: int) -> Tensor:
-    """A record ``[B, *S]`` with ones inserted after B so that it has ``rank`` per-sample dims.
-
-    Aligns a data operand with an output of higher rank the way broadcasting does (on the right).
-    """
-    missing = rank - (record.dim() - 1)
-    if missing <= 0:
-        return record
-    return record.reshape(record.shape[0], *([1] * missing), *record.shape[1:])
