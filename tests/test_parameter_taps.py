@@ -1,18 +1,38 @@
 """Uses tapped on their parameters: norms' affine parameters and elementwise ops with a parameter.
 
 Their taps go on the parameter arguments, so the pull-back gives the per-sample gradients directly
-(``Use.on_params``); checked against the oracle and against the generic rule.
+(``Use.on_params``); checked against the oracle and against the generic rule, which these uses only
+take once ``PARAMETER_TAPPED`` is emptied (their taps then go on their outputs): ``_check_tapped``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from rule_check import check_exact, rule_counts
+import torch.nn.functional as F
+from rule_check import _close, check_exact, rule_counts
 from torch import nn
 from torch.func import functional_call
 
 import torchgram
+import torchgram._rules as rules
+import torchgram._tape as tape
+
+
+def _check_tapped(monkeypatch, fn, params, x, batch_dim=0) -> None:
+    """``check_exact``, and the Gramian equals the one with no op tapped on its parameters: with
+    ``PARAMETER_TAPPED`` and the rules emptied, every use takes the generic rule on its outputs'
+    cotangents (``check_exact``'s own generic comparison leaves parameter-tapped uses as they are).
+    """
+    check_exact(monkeypatch, fn, params, x, batch_dim=batch_dim)
+    tapped = torchgram.gramian(fn, params, x, batch_dim=batch_dim)
+    with monkeypatch.context() as patch:
+        patch.setattr(tape, "PARAMETER_TAPPED", frozenset())
+        patch.setattr(rules, "RULES", {})
+        counts = rule_counts(fn, params, x, batch_dim=batch_dim)
+        generic = torchgram.gramian(fn, params, x, batch_dim=batch_dim)
+    assert counts and all(rule == "generic" for _, rule in counts), counts
+    assert _close(tapped, generic)
 
 
 def _module_fn(module: nn.Module):
@@ -43,7 +63,7 @@ def test_norm_matches_oracle(monkeypatch, module, shape, op, batch_dim) -> None:
     torch.manual_seed(0)
     fn, params = _module_fn(module)
     x = torch.randn(*shape, dtype=torch.float64)
-    check_exact(monkeypatch, fn, params, x, batch_dim=batch_dim)
+    _check_tapped(monkeypatch, fn, params, x, batch_dim=batch_dim)
     assert rule_counts(fn, params, x) == {(op, "parameters"): 1}
 
 
@@ -58,6 +78,13 @@ OPS = {  # the tape records the builtin each operator dispatches to (mul, add, s
     "rsub": (lambda x, w: 1.5 - w + x),
     "sub-first": (lambda x, w: w - x),
     "div": (lambda x, w: w / (x.abs() + 1)),
+    "div-by": (lambda x, w: x / w),
+    "torch.div-by": (lambda x, w: torch.div(x, w)),
+    "rdiv": (lambda x, w: 2.0 / w + x),
+    "rdiv-tensor": (lambda x, w: torch.linspace(1.0, 2.0, 4, dtype=torch.float64) / w + x),
+    "sub-alpha": (lambda x, w: torch.sub(w, x, alpha=0.5)),
+    "sub-alpha-second": (lambda x, w: torch.sub(x, w, alpha=0.5)),
+    "add-alpha-2": (lambda x, w: torch.add(x, w, alpha=2)),
     "scale": (lambda x, w: x @ (w * 0.5).expand(4, 4)),
 }
 
@@ -82,7 +109,7 @@ def test_elementwise_matches_oracle(monkeypatch, name, shape, batch_dim) -> None
     def fn(params, x):
         return torch.tanh(op(x, params["w"])).pow(2).sum((-1, -2))
 
-    check_exact(monkeypatch, fn, params, x, batch_dim=batch_dim)
+    _check_tapped(monkeypatch, fn, params, x, batch_dim=batch_dim)
     counts = rule_counts(fn, params, x)
     assert all(rule == "parameters" for _, rule in counts), counts
 
@@ -94,7 +121,7 @@ def test_two_parameter_operands(monkeypatch) -> None:
     def fn(params, x):
         return (x * (params["a"] * params["b"])).sum(-1)
 
-    check_exact(monkeypatch, fn, params, x)
+    _check_tapped(monkeypatch, fn, params, x)
     assert rule_counts(fn, params, x) == {("mul", "parameters"): 1}  # one use, two taps
 
 
@@ -107,7 +134,7 @@ def test_a_parameter_used_twice_in_one_op_and_in_a_matmul(monkeypatch) -> None:
         w = params["w"]
         return torch.tanh(x * (w * w)).sum(-1) + (x @ w) ** 2
 
-    check_exact(monkeypatch, fn, params, x)
+    _check_tapped(monkeypatch, fn, params, x)
 
 
 def test_parameter_taps_hold_per_sample_gradients_not_output_cotangents() -> None:
@@ -126,3 +153,37 @@ def test_parameter_taps_hold_per_sample_gradients_not_output_cotangents() -> Non
     run = linearise(fn, inputs, Options(0, False, False, "test"))
     assert [tuple(c.shape) for c in run.cotangents] == [(1, 3, 4), (1, 3, 4)]
     assert torchgram.flatten(run.gramian()).shape == (3, 3)
+
+
+VIEW_OPS = {  # (parameter shape, x shape, op): a tapped op on a view of the parameter leaf
+    "mul-slice": ((5,), (3, 2, 3), lambda x, w: x * w[:3]),
+    "add-transpose": ((4, 3), (3, 2, 3, 4), lambda x, w: x + w.t()),
+    "div-strided": ((4, 2), (3, 4), lambda x, w: x / w[:, 1]),
+    "sub-reshape": ((6,), (3, 2, 3), lambda x, w: torch.sub(x, w.reshape(2, 3), alpha=2)),
+    "overlapping": ((5,), (3, 2, 3), lambda x, w: x * w[:3] + torch.tanh(x + w[2:])),
+    "view-and-leaf": ((4,), (3, 2, 4), lambda x, w: x * w + x / w[[1, 0, 3, 2]] + w.flip(0)),
+    "layer_norm-rows": (
+        (2, 5),
+        (3, 4, 5),
+        lambda x, w: F.layer_norm(x, (5,), weight=w[0], bias=w[1]),
+    ),
+    "group_norm-columns": (
+        (4, 2),
+        (3, 4, 6),
+        lambda x, w: F.group_norm(x, 2, weight=w[:, 0], bias=w[:, 1]),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_OPS))
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_tapped_op_on_a_view_of_a_parameter(monkeypatch, name, batch_dim) -> None:
+    w_shape, x_shape, op = VIEW_OPS[name]
+    params = {"w": torch.randn(*w_shape, dtype=torch.float64)}
+    x = torch.randn(*x_shape, dtype=torch.float64)
+
+    def fn(params, x):
+        return torch.tanh(op(x, params["w"])).pow(2).flatten(1).sum(-1)
+
+    _check_tapped(monkeypatch, fn, params, x, batch_dim=batch_dim)
+    assert "parameters" in {rule for _, rule in rule_counts(fn, params, x)}, name

@@ -109,3 +109,150 @@ def test_both_forms_in_blocks_of_channels(monkeypatch, ghost, chunk, groups, row
         return torch.stack([h.pow(2).sum(-1), h.sin().sum(-1)][:rows], dim=-1)  # [B, rows]
 
     check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
+
+
+def _force_form(monkeypatch, ghost: bool) -> None:
+    import torchgram._factors_conv as conv
+
+    monkeypatch.setattr(conv, "use_ghost", lambda *shapes: ghost)
+
+
+def _count_blocks(monkeypatch, method: str) -> list[int]:
+    """Wraps ``Conv.<method>`` (a generator of blocks): one entry per call, its number of blocks."""
+    from torchgram._factors_conv import Conv
+
+    original = getattr(Conv, method)
+    counts: list[int] = []
+
+    def counting(self, *args, **kwargs):
+        counts.append(0)
+        for block in original(self, *args, **kwargs):
+            counts[-1] += 1
+            yield block
+
+    monkeypatch.setattr(Conv, method, counting)
+    return counts
+
+
+FORMS = pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialised"])
+# in the materialised form (G = 1): 1 byte takes the kernel per row, 2**30 the unfolded patches
+CHUNKS = pytest.mark.parametrize("chunk", [1, 2**30], ids=["kernel", "patches"])
+
+
+@FORMS
+@CHUNKS
+@pytest.mark.parametrize(
+    ("n", "conv"),
+    [
+        (1, {"kernel_size": 2}),
+        (1, {"kernel_size": 4, "dilation": 3}),
+        (2, {"kernel_size": (2, 3)}),
+        (2, {"kernel_size": (2, 4), "dilation": (3, 1)}),
+        (3, {"kernel_size": (2, 1, 2)}),
+    ],
+    ids=["1d-k2", "1d-k4-dil3", "2d-k23", "2d-k24-dil31", "3d-k212"],
+)
+def test_uneven_same_padding(monkeypatch, ghost, chunk, n, conv) -> None:
+    """An odd total of 'same' padding puts the extra element on the right (as torch does)."""
+    _force_form(monkeypatch, ghost)
+    fn, params, x = _case(n, size=4 if n == 3 else 5, padding="same", **conv)
+    check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
+    assert rule_counts(fn, params, x) == {(f"conv{n}d", f"conv{n}d"): 1}
+
+
+@FORMS
+@CHUNKS
+@pytest.mark.parametrize(
+    ("n", "conv"),
+    [
+        (1, {"kernel_size": 3, "stride": 3, "dilation": 2, "padding": 2}),
+        (2, {"kernel_size": 3, "stride": 2, "dilation": 2, "padding": 1}),
+        (2, {"kernel_size": 3, "stride": (2, 1), "dilation": (1, 2), "padding": (0, 2)}),
+        (2, {"kernel_size": 3, "stride": 2, "dilation": 2, "padding": 2, "groups": 2}),
+        (3, {"kernel_size": 2, "stride": 2, "dilation": 2, "padding": 1}),
+    ],
+    ids=["1d", "2d", "2d-per-dim", "2d-groups", "3d"],
+)
+def test_dilation_with_stride(monkeypatch, ghost, chunk, n, conv) -> None:
+    _force_form(monkeypatch, ghost)
+    fn, params, x = _case(n, size=5 if n == 3 else 7, **conv)
+    check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
+    assert rule_counts(fn, params, x) == {(f"conv{n}d", f"conv{n}d"): 1}
+
+
+def _rows_fn(layer: nn.Module, rows: int):
+    def fn(params, x):
+        h = functional_call(layer, params, (x,)).flatten(1)
+        return torch.stack([h.pow(2).sum(-1), h.sin().sum(-1)][:rows], dim=-1)  # [B, rows]
+
+    return fn
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_patches_fit_but_gradients_come_in_several_blocks(monkeypatch, rows) -> None:
+    """Patches of 3 * 9 * 36 * 8 = 7776 bytes fit in 12000, gradients of 864 * rows bytes per
+    output channel do not: blocks of 13 (one row) or 6 (two rows) of the 16 channels."""
+    _force_form(monkeypatch, False)
+    patch_blocks = _count_blocks(monkeypatch, "_patch_blocks")
+    kernel_blocks = _count_blocks(monkeypatch, "_blocks")
+    layer = nn.Conv2d(4, 16, 3, padding=1).double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    check_exact(monkeypatch, _rows_fn(layer, rows), params, x, max_chunk_bytes=12000)
+    assert patch_blocks and all(count > 1 for count in patch_blocks), patch_blocks
+    assert not kernel_blocks
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "groups", "chunk"),
+    [
+        (8, 8, 4, 1),  # one group per block
+        (8, 8, 4, 1800),  # two groups per block (with one row)
+        (8, 12, 4, 2200),  # 5 channels fit: a block rounds down to one group of 3
+        (8, 12, 4, 4000),  # 9 then 3 channels: the last block is smaller
+        (6, 6, 6, 1000),  # 4 then 2 groups of one channel
+    ],
+)
+def test_groups_in_blocks_of_whole_groups(monkeypatch, rows, c_in, c_out, groups, chunk) -> None:
+    _force_form(monkeypatch, False)
+    kernel_blocks = _count_blocks(monkeypatch, "_blocks")
+    layer = nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups).double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, c_in, 4, 4, dtype=torch.float64)
+    check_exact(monkeypatch, _rows_fn(layer, rows), params, x, max_chunk_bytes=chunk)
+    assert kernel_blocks and all(count > 1 for count in kernel_blocks), kernel_blocks
+
+
+@pytest.mark.parametrize("chunk", [1, 2**11, 2**30])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_overlapping_regions_are_materialised(monkeypatch, chunk, groups) -> None:
+    """A weight and its first half in two convolutions: the regions overlap, so each factor is
+    materialised (``Conv.materialise``) and scattered into the leaf, whatever the chunk size."""
+    kernel_blocks = _count_blocks(monkeypatch, "_blocks")
+    w = torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+
+    def fn(params, x):
+        w = params["w"]
+        h = torch.tanh(F.conv2d(x, w, padding=1, groups=groups))
+        return F.conv2d(h, w[:2], stride=2, groups=groups).pow(2).sum((-1, -2, -3))
+
+    check_exact(monkeypatch, fn, {"w": w}, x, max_chunk_bytes=chunk)
+    assert rule_counts(fn, {"w": w}, x) == {("conv2d", "conv2d"): 2}
+    assert len(kernel_blocks) == 2, kernel_blocks  # both factors materialised
+
+
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_conv_and_elementwise_use_on_one_region(monkeypatch, padding) -> None:
+    """A conv weight also scaled elementwise: the two factors are summed by materialising."""
+    w = torch.randn(4, 4, 2, 3, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+
+    def fn(params, x):
+        w = params["w"]
+        conv = F.conv2d(x, w, padding=padding).pow(2).sum((-1, -2, -3))
+        return conv + torch.tanh(x[:, None, :, :2, :3] * w).sum((-1, -2, -3, -4))
+
+    check_exact(monkeypatch, fn, {"w": w}, x)
+    assert rule_counts(fn, {"w": w}, x) == {("conv2d", "conv2d"): 1, ("mul", "parameters"): 1}

@@ -59,16 +59,18 @@ class Conv:
     groups: int
 
     def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-        """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]``."""
+        """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]`` (needed whole, so built in
+        one block)."""
         K, B = self.dy.shape[:2]
-        shape = (K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
-        blocks = [g.view(shape) for g in self._blocks(chunk_bytes)]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+        (g,) = self._blocks(None)
+        return g.view(K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
 
     def weighted(self, weights: Tensor) -> Tensor:
         """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution."""
         grads = torch.einsum("kb,kb...->b...", weights, self.dy)
-        return self._weight_grad(grads.flatten(0, 1), self.x.flatten(0, 1), self.groups)
+        return self._weight_grad(
+            grads.flatten(0, 1).contiguous(), self.x.flatten(0, 1).contiguous(), self.groups
+        )
 
     def transposed(self, index: Tensor) -> Factor:
         return Dense(index, self.materialise().transpose(-1, -2))
@@ -105,15 +107,16 @@ class Conv:
             g = torch.einsum("kbct,btd->kbcd", D[:, :, start : start + step], A)
             yield g.reshape(K * B, -1)
 
-    def _blocks(self, chunk_bytes: int) -> Iterator[Tensor]:
+    def _blocks(self, chunk_bytes: int | None) -> Iterator[Tensor]:
         """Per-row gradients ``[K*B, c * C_in / G * prod(kernel)]`` of consecutive blocks of c
-        output channels (whole groups when G > 1), each at most about ``chunk_bytes``."""
+        output channels (whole groups when G > 1), each at most about ``chunk_bytes`` (None: one
+        block)."""
         K, B, _, C_out = self.dy.shape[:4]
         G, rows = self.groups, K * B
         per_group = C_out // G
         c_in = self.x.shape[2] // G
         per_channel = rows * c_in * math.prod(self.kernel) * self.dy.element_size()
-        step = max(1, chunk_bytes // per_channel)
+        step = C_out if chunk_bytes is None else max(1, chunk_bytes // per_channel)
         if G > 1:  # a block holds whole groups, so that its input channels are contiguous
             step = max(1, step // per_group) * per_group
         images = self.x.contiguous()  # [B, N, C_in, *spatial]
@@ -121,9 +124,10 @@ class Conv:
         for start in range(0, C_out, step):
             stop = min(C_out, start + step)
             first, count = (start // per_group, (stop - start) // per_group) if G > 1 else (0, 1)
-            block_images = images[:, :, first * c_in : (first + count) * c_in]
+            block_images = images[:, :, first * c_in : (first + count) * c_in].contiguous()
+            block_grads = grads[:, :, :, start:stop].contiguous()
             block = [
-                self._weight_grad(grads[k, i, :, start:stop], block_images[i], count)
+                self._weight_grad(block_grads[k, i], block_images[i], count)
                 for k in range(K)
                 for i in range(B)
             ]
@@ -134,7 +138,7 @@ class Conv:
         channels = images.shape[1] // groups
         weight = images.new_empty(grad.shape[1], channels, *self.kernel)  # only a shape
         return torch.ops.aten.convolution_backward(
-            grad.contiguous(), images.contiguous(), weight, None, list(self.stride),
+            grad, images, weight, None, list(self.stride),
             list(self.padding), list(self.dilation), False, [0] * len(self.kernel), groups,
             [False, True, False],
         )[1]  # fmt: skip

@@ -189,9 +189,11 @@ def _linearise_whole(
     tape = Tape(inputs.params, taps, options.caller, per_sample=False)
     box = _Aux()
 
+    several = probed.shape.numel() > 1  # then the pull-back is vmapped over them
+
     def run(taps: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
         tape.taps = taps
-        with _batchable_attention(), tape:  # the pull-back is vmapped over the output elements
+        with _batchable_attention() if several else contextlib.nullcontext(), tape:
             out, aux = split_output(inputs.call(fn, inputs.data), options.has_aux, options.caller)
         return out, (tuple(tape.records), box.pack(aux))
 

@@ -231,13 +231,13 @@ class Tape(TorchFunctionMode):
         self._refuse_in_place(name, kwargs)
         if name in _VIEW_OPS and self._only_tensor(leaves, slots, name):
             return self._follow_view(func, name, leaves, spec, slots[0])
+        if name in PARAMETER_TAPPED:  # before stepping inside (``__rdiv__`` is a function)
+            return self._record_on_params(func, leaves, spec, slots)
         if isinstance(func, FunctionType) and any(
             check in func.__code__.co_names for check in _DISPATCH_CHECKS
         ):
             with self:
                 return _without_dispatch(func)(*args, **kwargs)
-        if name in PARAMETER_TAPPED:
-            return self._record_on_params(func, leaves, spec, slots)
         return self._record(func, leaves, spec, slots, func(*args, **kwargs))
 
     def _may_use_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
