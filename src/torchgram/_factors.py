@@ -141,7 +141,7 @@ def ghost_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) 
     if T == 1:
         a = A[:, 0]
         d = D[:, :, 0].reshape(K * B, -1)
-        return (d @ d.T) * (a @ a.T).repeat(K, K)
+        return ((d @ d.T).view(K, B, K, B) * (a @ a.T)[:, None]).view(K * B, K * B)
 
     def similarity(i: slice, j: slice) -> Tensor:
         return A[i].reshape(-1, A.shape[-1]) @ A[j].reshape(-1, A.shape[-1]).T
