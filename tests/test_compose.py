@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from oracle import flat_gramian
 from torch import nn
-from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.func import functional_call, grad, jvp, stack_module_state, vmap
 
 import torchgram
 
@@ -56,6 +56,35 @@ def test_func_grad_of_trace_equals_oracle() -> None:
     expected = grad(lambda p: _trace_oracle(fn, p, x, y))(params)
     for name in params:
         assert torch.allclose(ours[name], expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_func_jvp_of_trace_equals_oracle() -> None:
+    """Forward-mode through the Gramian: the pull-back must keep what the tangents flow through."""
+    model = _model()
+    fn = _losses(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    x, y = _data()
+    _, ours = jvp(
+        lambda p: torchgram.gramian(fn, p, x, y, batch_dim=0).trace(), (params,), (tangents,)
+    )
+    _, expected = jvp(lambda p: _trace_oracle(fn, p, x, y), (params,), (tangents,))
+    assert torch.allclose(ours, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_autograd_through_a_tensor_fn_closes_over() -> None:
+    """The Gramian depends on a tensor that is no argument of fn: its gradient must still flow."""
+    params = {"w": torch.randn(4, 3, dtype=torch.float64)}
+    x, _ = _data()
+
+    def losses(scale):
+        return lambda params, x: (torch.tanh(x @ params["w"]) * scale).pow(2).sum(-1)
+
+    scale = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    torchgram.gramian(losses(scale), params, x, batch_dim=0).trace().backward()
+    expected = grad(lambda s: flat_gramian(losses(s), params, x).trace())(scale.detach())
+    assert scale.grad is not None
+    assert torch.allclose(scale.grad, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_func_grad_of_off_diagonal_sum_equals_oracle() -> None:

@@ -160,16 +160,16 @@ def _vjp(
     return (out, aux), pullback
 
 
-def _pull_back(
-    pullback: Callable[..., Any], out: Tensor, per_sample: torch.Size, inputs: Inputs
-) -> list[Tensor]:
+def _pull_back(pullback: Callable[..., Any], out: Tensor, per_sample: torch.Size) -> list[Tensor]:
     """Cotangents ``[K, B, ...]`` of every tap, for the K one-hot rows of each sample.
 
     One reverse pass (vmapped over the rows), which frees the forward's saved tensors as it goes,
-    as a backward pass does (``vjp`` would keep them for another call), and records a graph of
-    its own only when the Gramian may be differentiated.
+    as a backward pass does (``vjp`` would keep them for another call). It records a graph of its
+    own only when the Gramian may be differentiated: when fn's output requires grad outside the
+    run (parameters or data that require grad, tensors fn closes over, an outer ``grad``).
     """
-    once = functools.partial(pullback, retain_graph=False, create_graph=_differentiated(inputs))
+    differentiable = torch.is_grad_enabled() and out.requires_grad
+    once = functools.partial(pullback, retain_graph=False, create_graph=differentiable)
     rows = per_sample.numel()
     if rows == 1:
         (cotangents,) = once(torch.ones_like(out))
@@ -177,15 +177,6 @@ def _pull_back(
     eye = torch.eye(rows, dtype=out.dtype, device=out.device).reshape(rows, *per_sample)
     (cotangents,) = vmap(once)(eye.expand(rows, *out.shape))
     return list(cotangents)
-
-
-def _differentiated(inputs: Inputs) -> bool:
-    """Whether the Gramian may be differentiated: grad mode, and an argument that requires grad
-    or an outer ``torch.func`` transform other than vmap."""
-    if not torch.is_grad_enabled():
-        return False
-    tensors = (x for x in (*inputs.params, *inputs.data) if isinstance(x, Tensor))
-    return any(x.requires_grad for x in tensors) or any(k != "Vmap" for k in _transforms())
 
 
 def _zero_taps(
@@ -218,7 +209,7 @@ def _linearise_whole(
         (out, (records, aux)), pullback = _vjp(run, taps)
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
-    cotangents = _pull_back(pullback, out, out.shape, inputs) if taps else []
+    cotangents = _pull_back(pullback, out, out.shape) if taps else []
     return Linearised(
         out,
         aux,
@@ -327,17 +318,12 @@ def _batchable_attention() -> contextlib.AbstractContextManager[Any]:
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _transforms() -> list[str]:
-    """The ``torch.func`` transforms fn is called under (``Vmap``, ``Grad``, ``Jvp``, ...)."""
+def _under_vmap() -> bool:
     try:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     except ImportError:  # pragma: no cover - older torch
-        return []
-    return [str(i.key()).rsplit(".", 1)[-1] for i in retrieve_all_functorch_interpreters()]
-
-
-def _under_vmap() -> bool:
-    return "Vmap" in _transforms()
+        return False
+    return any("Vmap" in str(i.key()) for i in retrieve_all_functorch_interpreters())
 
 
 def _check_samples(
@@ -389,7 +375,7 @@ def _linearise_per_sample(
             _check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
         probed.samples_checked = True
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    cotangents = _pull_back(pullback, out, per_sample, inputs) if taps else []
+    cotangents = _pull_back(pullback, out, per_sample) if taps else []
     return Linearised(
         out, aux, tape.uses, list(records), cotangents, inputs.params, b, options.chunk_bytes
     )
