@@ -24,10 +24,11 @@ Tensor = torch.Tensor
 
 
 def gramian_of_factors(
-    contributions: Sequence[tuple[int, Factor]],
+    contributions: list[tuple[int, Factor]],
     leaves: Sequence[Tensor],
     rows: int,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    release: bool = False,
 ) -> Tensor:
     """Sum over leaves of the Gramian of each leaf's total per-row gradient.
 
@@ -36,6 +37,8 @@ def gramian_of_factors(
         leaves: The flattened parameter leaves.
         rows: ``K * B``.
         chunk_bytes: Largest intermediate a factor may build at once.
+        release: Empty ``contributions`` and drop each leaf's factors once its Gramian is added
+            (their tensors are freed then, unless held elsewhere).
 
     Returns:
         ``[rows, rows]``.
@@ -43,9 +46,11 @@ def gramian_of_factors(
     by_leaf: dict[int, list[Factor]] = {}
     for leaf, factor in contributions:
         by_leaf.setdefault(leaf, []).append(factor)
+    if release:
+        contributions.clear()
     total: Tensor | None = None
-    for leaf, factors in by_leaf.items():
-        part = _leaf_gramian(factors, leaves[leaf].shape, chunk_bytes)
+    for leaf in list(by_leaf):
+        part = _leaf_gramian(by_leaf.pop(leaf), leaves[leaf].shape, chunk_bytes)
         total = part if total is None else total + part
     if total is None:
         reference = leaves[0]

@@ -76,10 +76,19 @@ class Linearised:
             contributions.extend(use_factors(use, self.records, cotangents))
         return contributions
 
-    def gramian(self) -> Tensor:
-        """The generalized Gramian ``S + S[::-1]``."""
+    def gramian(self, release: bool = False) -> Tensor:
+        """The generalized Gramian ``S + S[::-1]``.
+
+        ``release``: let go of the factors, and of the records and cotangents they hold, leaf by
+        leaf as the Gramian is assembled, so that memory falls instead of rising; :meth:`vjp`
+        cannot be called after.
+        """
+        contributions = self.contributions
+        if release:
+            del self.contributions
+            self.records, self.cotangents = [], []
         flat = gramian_of_factors(
-            self.contributions, self.params, self.out.numel(), self.chunk_bytes
+            contributions, self.params, self.out.numel(), self.chunk_bytes, release=release
         )
         return generalize(flat, self.out.shape, self.batch_dim)
 

@@ -139,7 +139,7 @@ def gramian_of(
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
         _, run = _linearise(fn, args, numbers, in_dims, options, probes)
-        G = run.gramian()
+        G = run.gramian(release=True)  # no vjp follows
         return (G, run.aux) if has_aux else G
 
     return wrapper
