@@ -135,12 +135,24 @@ def _count_blocks(monkeypatch, method: str) -> list[int]:
 
 
 FORMS = pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialised"])
-# in the materialised form (G = 1): 1 byte takes the kernel per row, 2**30 the unfolded patches
-CHUNKS = pytest.mark.parametrize("chunk", [1, 2**30], ids=["kernel", "patches"])
+KERNELS = pytest.mark.parametrize("kernel", ["patches", "grouped", "rows"])
+GENERATORS = {"patches": "_patch_blocks", "grouped": "_grouped_blocks", "rows": "_blocks"}
+
+
+def _force_kernel(monkeypatch, kernel: str) -> None:
+    """The materialised form builds per-sample gradients with ``kernel`` (patches need G = 1)."""
+    from torchgram._factors_conv import Conv
+
+    choose = Conv.kernel_for_gradients
+
+    def forced(self, chunk_bytes):
+        return choose(self, chunk_bytes) if kernel == "patches" and self.groups > 1 else kernel
+
+    monkeypatch.setattr(Conv, "kernel_for_gradients", forced)
 
 
 @FORMS
-@CHUNKS
+@KERNELS
 @pytest.mark.parametrize(
     ("n", "conv"),
     [
@@ -152,16 +164,17 @@ CHUNKS = pytest.mark.parametrize("chunk", [1, 2**30], ids=["kernel", "patches"])
     ],
     ids=["1d-k2", "1d-k4-dil3", "2d-k23", "2d-k24-dil31", "3d-k212"],
 )
-def test_uneven_same_padding(monkeypatch, ghost, chunk, n, conv) -> None:
+def test_uneven_same_padding(monkeypatch, ghost, kernel, n, conv) -> None:
     """An odd total of 'same' padding puts the extra element on the right (as torch does)."""
     _force_form(monkeypatch, ghost)
+    _force_kernel(monkeypatch, kernel)
     fn, params, x = _case(n, size=4 if n == 3 else 5, padding="same", **conv)
-    check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
+    check_exact(monkeypatch, fn, params, x)
     assert rule_counts(fn, params, x) == {(f"conv{n}d", f"conv{n}d"): 1}
 
 
 @FORMS
-@CHUNKS
+@KERNELS
 @pytest.mark.parametrize(
     ("n", "conv"),
     [
@@ -173,10 +186,11 @@ def test_uneven_same_padding(monkeypatch, ghost, chunk, n, conv) -> None:
     ],
     ids=["1d", "2d", "2d-per-dim", "2d-groups", "3d"],
 )
-def test_dilation_with_stride(monkeypatch, ghost, chunk, n, conv) -> None:
+def test_dilation_with_stride(monkeypatch, ghost, kernel, n, conv) -> None:
     _force_form(monkeypatch, ghost)
+    _force_kernel(monkeypatch, kernel)
     fn, params, x = _case(n, size=5 if n == 3 else 7, **conv)
-    check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
+    check_exact(monkeypatch, fn, params, x)
     assert rule_counts(fn, params, x) == {(f"conv{n}d", f"conv{n}d"): 1}
 
 
@@ -193,6 +207,7 @@ def test_patches_fit_but_gradients_come_in_several_blocks(monkeypatch, rows) -> 
     """Patches of 3 * 9 * 36 * 8 = 7776 bytes fit in 12000, gradients of 864 * rows bytes per
     output channel do not: blocks of 13 (one row) or 6 (two rows) of the 16 channels."""
     _force_form(monkeypatch, False)
+    _force_kernel(monkeypatch, "patches")
     patch_blocks = _count_blocks(monkeypatch, "_patch_blocks")
     kernel_blocks = _count_blocks(monkeypatch, "_blocks")
     layer = nn.Conv2d(4, 16, 3, padding=1).double()
@@ -203,6 +218,7 @@ def test_patches_fit_but_gradients_come_in_several_blocks(monkeypatch, rows) -> 
     assert not kernel_blocks
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "rows"])
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize(
     ("c_in", "c_out", "groups", "chunk"),
@@ -214,9 +230,12 @@ def test_patches_fit_but_gradients_come_in_several_blocks(monkeypatch, rows) -> 
         (6, 6, 6, 1000),  # 4 then 2 groups of one channel
     ],
 )
-def test_groups_in_blocks_of_whole_groups(monkeypatch, rows, c_in, c_out, groups, chunk) -> None:
+def test_groups_in_blocks_of_whole_groups(
+    monkeypatch, kernel, rows, c_in, c_out, groups, chunk
+) -> None:
     _force_form(monkeypatch, False)
-    kernel_blocks = _count_blocks(monkeypatch, "_blocks")
+    _force_kernel(monkeypatch, kernel)
+    kernel_blocks = _count_blocks(monkeypatch, GENERATORS[kernel])
     layer = nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups).double()
     params = {k: v.detach() for k, v in layer.named_parameters()}
     x = torch.randn(3, c_in, 4, 4, dtype=torch.float64)
@@ -224,12 +243,14 @@ def test_groups_in_blocks_of_whole_groups(monkeypatch, rows, c_in, c_out, groups
     assert kernel_blocks and all(count > 1 for count in kernel_blocks), kernel_blocks
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "rows"])
 @pytest.mark.parametrize("chunk", [1, 2**11, 2**30])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_overlapping_regions_are_materialised(monkeypatch, chunk, groups) -> None:
+def test_overlapping_regions_are_materialised(monkeypatch, kernel, chunk, groups) -> None:
     """A weight and its first half in two convolutions: the regions overlap, so each factor is
     materialised (``Conv.materialise``) and scattered into the leaf, whatever the chunk size."""
-    kernel_blocks = _count_blocks(monkeypatch, "_blocks")
+    _force_kernel(monkeypatch, kernel)
+    kernel_blocks = _count_blocks(monkeypatch, GENERATORS[kernel])
     w = torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
 
@@ -256,3 +277,24 @@ def test_conv_and_elementwise_use_on_one_region(monkeypatch, padding) -> None:
 
     check_exact(monkeypatch, fn, {"w": w}, x)
     assert rule_counts(fn, {"w": w}, x) == {("conv2d", "conv2d"): 1, ("mul", "parameters"): 1}
+
+
+@pytest.mark.parametrize(
+    ("batch", "c_in", "c_out", "size", "groups", "chunk", "expected"),
+    [
+        (8, 3, 32, 8, 1, 2**30, "patches"),  # few input channels, patches fit
+        (8, 3, 32, 8, 1, 1, "grouped"),  # patches do not fit
+        (8, 32, 64, 8, 1, 2**30, "grouped"),  # 32 x 64 channels
+        (8, 256, 256, 4, 1, 2**30, "patches"),  # many channels, patches fit
+        (8, 256, 256, 4, 1, 1, "rows"),
+        (8, 512, 512, 4, 2, 2**30, "rows"),  # 256 x 256 per group: no patches with groups
+        (8, 512, 512, 4, 8, 2**30, "grouped"),  # 64 x 64 per group
+    ],
+)
+def test_kernel_for_gradients(batch, c_in, c_out, size, groups, chunk, expected) -> None:
+    from torchgram._factors_conv import Conv
+
+    x = torch.zeros(batch, 1, c_in, size, size)
+    dy = torch.zeros(1, batch, 1, c_out, size, size)
+    factor = Conv(None, x, dy, (3, 3), (1, 1), (1, 1), (1, 1), groups)
+    assert factor.kernel_for_gradients(chunk) == expected

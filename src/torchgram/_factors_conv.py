@@ -33,6 +33,12 @@ from torchgram._factors import (
 
 Tensor = torch.Tensor
 
+# Measured on CPU (oneDNN): the unfolded-patch products beat the kernels for layers with few input
+# channels (a network's first layer), and the grouped kernel (samples as groups) beats one kernel
+# call per row for layers of up to about 64 x 128 channels per group, and loses beyond.
+_FEW_CHANNELS = 16
+_GROUPED_CHANNELS = 64 * 128
+
 
 @dataclass(frozen=True)
 class Conv:
@@ -62,7 +68,8 @@ class Conv:
         """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]`` (needed whole, so built in
         one block)."""
         K, B = self.dy.shape[:2]
-        (g,) = self._blocks(None)
+        grouped = self.kernel_for_gradients(DEFAULT_CHUNK_BYTES) == "grouped"
+        (g,) = (self._grouped_blocks if grouped else self._blocks)(None)
         return g.view(K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
 
     def weighted(self, weights: Tensor) -> Tensor:
@@ -83,17 +90,29 @@ class Conv:
         d_in = math.prod(self.kernel) * self.x.shape[2] // G
         if use_ghost(torch.Size((B, T, d_in)), torch.Size((K, B, T, C_out // G))):
             return self._ghost(chunk_bytes)
-        patch_bytes = B * T * d_in * G * self.x.element_size()
-        if G == 1 and patch_bytes <= chunk_bytes:
-            blocks = self._patch_blocks(chunk_bytes)
-        else:
-            blocks = self._blocks(chunk_bytes)
+        blocks = {"patches": self._patch_blocks, "grouped": self._grouped_blocks}.get(
+            self.kernel_for_gradients(chunk_bytes), self._blocks
+        )(chunk_bytes)
         total: Tensor | None = None
         for g in blocks:
             part = g @ g.T
             total = part if total is None else total + part
         assert total is not None
         return total
+
+    def kernel_for_gradients(self, chunk_bytes: int) -> str:
+        """How the materialised form builds per-sample gradients: ``"patches"``, ``"grouped"``
+        or ``"rows"`` (see the module docstring; thresholds measured on CPU with oneDNN)."""
+        B, N = self.x.shape[:2]
+        G = self.groups
+        c_in, c_out = self.x.shape[2] // G, self.dy.shape[3] // G
+        T = N * math.prod(self.dy.shape[4:])
+        patch_bytes = B * T * math.prod(self.kernel) * c_in * G * self.x.element_size()
+        if G == 1 and patch_bytes <= chunk_bytes and c_in < _FEW_CHANNELS:
+            return "patches"
+        if c_in * c_out <= _GROUPED_CHANNELS:
+            return "grouped"
+        return "patches" if G == 1 and patch_bytes <= chunk_bytes else "rows"
 
     def _patch_blocks(self, chunk_bytes: int) -> Iterator[Tensor]:
         """Like :meth:`_blocks` (in another layout of each gradient), by batched products with
@@ -107,23 +126,31 @@ class Conv:
             g = torch.einsum("kbct,btd->kbcd", D[:, :, start : start + step], A)
             yield g.reshape(K * B, -1)
 
-    def _blocks(self, chunk_bytes: int | None) -> Iterator[Tensor]:
-        """Per-row gradients ``[K*B, c * C_in / G * prod(kernel)]`` of consecutive blocks of c
-        output channels (whole groups when G > 1), each at most about ``chunk_bytes`` (None: one
-        block)."""
+    def _ranges(self, chunk_bytes: int | None) -> Iterator[tuple[int, int, int, int]]:
+        """``(start, stop, first, count)``: consecutive blocks of output channels ``start:stop``
+        (whole groups ``first:first + count`` when G > 1) whose per-row gradients take about
+        ``chunk_bytes`` (None: one block)."""
         K, B, _, C_out = self.dy.shape[:4]
-        G, rows = self.groups, K * B
+        G = self.groups
         per_group = C_out // G
         c_in = self.x.shape[2] // G
-        per_channel = rows * c_in * math.prod(self.kernel) * self.dy.element_size()
+        per_channel = K * B * c_in * math.prod(self.kernel) * self.dy.element_size()
         step = C_out if chunk_bytes is None else max(1, chunk_bytes // per_channel)
         if G > 1:  # a block holds whole groups, so that its input channels are contiguous
             step = max(1, step // per_group) * per_group
-        images = self.x.contiguous()  # [B, N, C_in, *spatial]
-        grads = self.dy.contiguous()  # [K, B, N, C_out, *out]
         for start in range(0, C_out, step):
             stop = min(C_out, start + step)
             first, count = (start // per_group, (stop - start) // per_group) if G > 1 else (0, 1)
+            yield start, stop, first, count
+
+    def _blocks(self, chunk_bytes: int | None) -> Iterator[Tensor]:
+        """Per-row gradients ``[K*B, c * C_in / G * prod(kernel)]`` of consecutive blocks of c
+        output channels, one weight-gradient convolution per row and block."""
+        K, B = self.dy.shape[:2]
+        c_in = self.x.shape[2] // self.groups
+        images = self.x.contiguous()  # [B, N, C_in, *spatial]
+        grads = self.dy.contiguous()  # [K, B, N, C_out, *out]
+        for start, stop, first, count in self._ranges(chunk_bytes):
             block_images = images[:, :, first * c_in : (first + count) * c_in].contiguous()
             block_grads = grads[:, :, :, start:stop].contiguous()
             block = [
@@ -131,7 +158,24 @@ class Conv:
                 for k in range(K)
                 for i in range(B)
             ]
-            yield torch.stack(block).view(rows, -1)
+            yield torch.stack(block).view(K * B, -1)
+
+    def _grouped_blocks(self, chunk_bytes: int | None) -> Iterator[Tensor]:
+        """Like :meth:`_blocks`, with one grouped weight-gradient convolution per output row
+        ``k`` and block: the samples become groups (channels ``i * C_in + c``), so the kernel
+        returns the B per-sample gradients at once."""
+        K, B, N = self.dy.shape[:3]
+        c_in = self.x.shape[2] // self.groups
+        spatial, out = self.x.shape[3:], self.dy.shape[4:]
+        for start, stop, first, count in self._ranges(chunk_bytes):
+            images = self.x[:, :, first * c_in : (first + count) * c_in]
+            images = images.transpose(0, 1).reshape(N, B * count * c_in, *spatial)
+            block = []
+            for k in range(K):
+                grads = self.dy[k, :, :, start:stop].transpose(0, 1)
+                grads = grads.reshape(N, B * (stop - start), *out)
+                block.append(self._weight_grad(grads, images, B * count).view(B, -1))
+            yield torch.cat(block) if K > 1 else block[0]
 
     def _weight_grad(self, grad: Tensor, images: Tensor, groups: int) -> Tensor:
         """The weight gradient of the convolution of ``images`` given its output's ``grad``."""
