@@ -38,23 +38,24 @@ def test_release_drops_each_leafs_factors(monkeypatch, release) -> None:
     _, run = _transform._linearise(fn, (params, x), (0,), 0, options)
     seen: list[weakref.ref] = []
     alive_before = []
-    leaf_gramian = _assemble._leaf_gramian
+    group_gramian = _assemble._group_gramian
 
     def spy(factors, *args):
         gc.collect()
         alive_before.append(sum(ref() is not None for ref in seen))  # factors of earlier leaves
         seen.extend(weakref.ref(f) for f in factors)
-        return leaf_gramian(factors, *args)
+        return group_gramian(factors, *args)
 
-    monkeypatch.setattr(_assemble, "_leaf_gramian", spy)
+    monkeypatch.setattr(_assemble, "_group_gramian", spy)
     G = run.gramian(release=release)
     assert torch.allclose(G, flat_gramian(fn, params, x), rtol=1e-10, atol=1e-12)
-    assert len(alive_before) == len(params)
+    groups = len(params) - 2  # each linear layer's bias goes with its weight
+    assert len(alive_before) == groups
     if release:  # each leaf's factors go once its Gramian is added, and nothing else holds data
-        assert alive_before == [0] * len(params)
+        assert alive_before == [0] * groups
         assert not run.records and not run.cotangents
     else:  # kept for a vjp
-        assert alive_before == list(range(len(params)))
+        assert alive_before == list(range(groups))
         assert len(run.vjp(torch.ones(5, dtype=D))) == len(params)
 
 
@@ -72,3 +73,79 @@ def test_gramian_of_releases_its_factors(monkeypatch) -> None:
     out, vjp_fn, G = torchgram.vjp_and_gramian(fn, params, x, batch_dim=0)
     vjp_fn(torch.ones_like(out))
     assert releases == [True, False]
+
+
+def _folded(monkeypatch) -> list[bool]:
+    """Spies on the weight-and-bias Gramian: one entry per weight tried, whether it folded."""
+    folds: list[bool] = []
+    with_bias = _assemble._with_bias
+
+    def spy(factors, *args):
+        G = with_bias(factors, *args)
+        if getattr(factors[0], "bias", None) is not None:  # a weight with a bias partner
+            folds.append(G is not None)
+        return G
+
+    monkeypatch.setattr(_assemble, "_with_bias", spy)
+    return folds
+
+
+def _check(fn, params, x, batch_dim=0) -> None:
+    G = torchgram.gramian(fn, params, x, batch_dim=batch_dim)
+    expected = flat_gramian(fn, params, x)
+    assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialised"])
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_weight_and_bias_in_one_ghost_gramian(monkeypatch, ghost, batch_dim, rows, tokens) -> None:
+    """Whole-leaf weight and bias of a linear map, each used once: one ghost Gramian for both
+    (none in the materialised form), exact with one or several rows per sample and tokens."""
+    from torchgram import _factors
+
+    monkeypatch.setattr(_factors, "use_ghost", lambda *shapes: ghost)
+    folds = _folded(monkeypatch)
+    torch.manual_seed(0)
+    layer = nn.Linear(6, rows).double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(5, tokens, 6, dtype=D)
+
+    def fn(params, x):
+        return torch.tanh(functional_call(layer, params, (x,))).sum(1)  # [B, rows]
+
+    _check(fn, params, x, batch_dim)
+    assert folds == [ghost]
+
+
+def test_bias_used_elsewhere_or_materialised_form_is_not_folded(monkeypatch) -> None:
+    folds = _folded(monkeypatch)
+    torch.manual_seed(0)
+    w, b = torch.randn(3, 4, dtype=D), torch.randn(3, dtype=D)
+    x = torch.randn(5, 4, dtype=D)
+
+    def shared_bias(params, x):  # the bias is also added on its own
+        h = torch.nn.functional.linear(x, params["w"], params["b"])
+        return (torch.tanh(h) + params["b"]).pow(2).sum(-1)
+
+    _check(shared_bias, {"w": w, "b": b}, x)
+    assert folds == [False]
+
+    folds.clear()
+
+    def weight_twice(params, x):  # the weight has two factors
+        h = torch.nn.functional.linear(x, params["w"], params["b"])
+        return (torch.tanh(h) @ params["w"]).pow(2).sum(-1)
+
+    _check(weight_twice, {"w": w[:, :3], "b": b}, x[:, :3])
+    assert folds == [False]
+
+    folds.clear()
+    long_x = torch.randn(2, 40, 4, dtype=D)  # 40 tokens of width 4: the materialised form
+
+    def sequence(params, x):
+        return torch.nn.functional.linear(x, params["w"], params["b"]).pow(2).sum((-1, -2))
+
+    _check(sequence, {"w": w, "b": b}, long_x)
+    assert folds == [False]

@@ -8,6 +8,9 @@ whole leaf, or a view such as one chunk of a packed projection). For each leaf:
    tied output head), others by materialising;
 2. regions that never share an element contribute the sum of their own Gramians;
 3. otherwise every region is materialised into the leaf and the Gramian is taken there.
+
+A linear map's weight and bias, each a whole leaf used nowhere else, give one ghost Gramian for
+both (the bias as a column of ones in the activations) instead of one each.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ def gramian_of_factors(
         contributions.clear()
     total: Tensor | None = None
     for leaf in list(by_leaf):
-        part = _leaf_gramian(by_leaf.pop(leaf), leaves[leaf].shape, chunk_bytes)
+        if leaf not in by_leaf:  # a bias, added with its weight
+            continue
+        part = _group_gramian(by_leaf.pop(leaf), by_leaf, leaves[leaf].shape, chunk_bytes)
         total = part if total is None else total + part
     if total is None:
         reference = leaves[0]
@@ -82,6 +87,32 @@ def weighted_gradients(
             flat = part.new_zeros(shape.numel()).index_add(0, index, part.reshape(-1))
             grads[leaf] = grads[leaf] + flat.view(shape)
     return grads
+
+
+def _group_gramian(
+    factors: list[Factor], by_leaf: dict[int, list[Factor]], shape: torch.Size, chunk_bytes: int
+) -> Tensor:
+    """The Gramian of one leaf's factors, with its bias leaf's when they can go together."""
+    G = _with_bias(factors, by_leaf, chunk_bytes)
+    return _leaf_gramian(factors, shape, chunk_bytes) if G is None else G
+
+
+def _with_bias(
+    factors: list[Factor], by_leaf: dict[int, list[Factor]], chunk_bytes: int
+) -> Tensor | None:
+    """The Gramian of a weight leaf and its bias leaf together (the bias leaf is removed from
+    ``by_leaf``), when each is one whole-leaf factor of one linear map and the ghost form applies;
+    else None."""
+    weight = factors[0]
+    if len(factors) != 1 or not isinstance(weight, Linear) or weight.bias is None:
+        return None
+    bias = by_leaf.get(weight.bias, [])
+    if weight.index is not None or len(bias) != 1 or bias[0].index is not None:
+        return None
+    G = weight.gramian_with_bias(chunk_bytes)
+    if G is not None:
+        del by_leaf[weight.bias]
+    return G
 
 
 def _leaf_gramian(factors: list[Factor], shape: torch.Size, chunk_bytes: int) -> Tensor:

@@ -51,11 +51,15 @@ class Linear:
         index: Flat leaf positions of the ``[d_out, d_in]`` region, or None for the whole leaf.
         A: Activations ``[B, T, d_in]``.
         D: Output cotangents ``[K, B, T, d_out]``.
+        bias: Position of the leaf of the map's bias (whole, ``[d_out]``), whose gradients are
+            ``sum_t D[k, i, t]``, or None: the assembly may then add both leaves' Gramians at
+            once (see :meth:`gramian_with_bias`).
     """
 
     index: Tensor | None
     A: Tensor
     D: Tensor
+    bias: int | None = None
 
     def transposed(self, index: Tensor) -> Factor:
         """The same gradients seen as ``[d_in, d_out]``, on the region ``index`` of that shape.
@@ -81,6 +85,15 @@ class Linear:
         if use_ghost(self.A.shape, self.D.shape):
             return ghost_gramian(self.A, self.D, chunk_bytes)
         return materialised_gramian(self.A, self.D, chunk_bytes)
+
+    def gramian_with_bias(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor | None:
+        """The Gramian of the weight's and the bias's gradients together (the bias as a column
+        of ones in ``A``: ``<A[i,t], A[j,s]> + 1`` in the ghost form, so the bias costs nothing),
+        or None when the materialised form is the cheaper one (then the bias's own Gramian is
+        cheaper than widening every per-sample gradient)."""
+        if not use_ghost(self.A.shape, self.D.shape):
+            return None
+        return ghost_gramian(self.A, self.D, chunk_bytes, ones=True)
 
 
 @dataclass(frozen=True)
@@ -126,25 +139,31 @@ def _rows_per_chunk(bytes_per_row: int, chunk_bytes: int, rows: int) -> int:
     return max(1, min(rows, chunk_bytes // max(bytes_per_row, 1)))
 
 
-def ghost_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+def ghost_gramian(
+    A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES, ones: bool = False
+) -> Tensor:
     """``G[(k,i),(l,j)] = sum_ts <A[i,t], A[j,s]> <D[k,i,t], D[l,j,s]>`` without per-sample grads.
 
     Args:
         A: ``[B, T, d_in]``.
         D: ``[K, B, T, d_out]``.
         chunk_bytes: Largest block of ``[K, b, T, K, b, T]`` products built at once.
+        ones: Whether ``A`` has one more column of ones (a bias): ``+ 1`` on every similarity.
 
     Returns:
         ``[K*B, K*B]``.
     """
     K, B, T, _ = D.shape
+    shift = 1.0 if ones else 0.0
     if T == 1:
         a = A[:, 0]
         d = D[:, :, 0].reshape(K * B, -1)
-        return ((d @ d.T).view(K, B, K, B) * (a @ a.T)[:, None]).view(K * B, K * B)
+        aa = a @ a.T + shift if ones else a @ a.T
+        return ((d @ d.T).view(K, B, K, B) * aa[:, None]).view(K * B, K * B)
 
     def similarity(i: slice, j: slice) -> Tensor:
-        return A[i].reshape(-1, A.shape[-1]) @ A[j].reshape(-1, A.shape[-1]).T
+        S = A[i].reshape(-1, A.shape[-1]) @ A[j].reshape(-1, A.shape[-1]).T
+        return S + shift if ones else S
 
     return ghost_from_similarity(similarity, D, chunk_bytes)
 

@@ -38,7 +38,11 @@ def linear_rule(
     (cotangent,) = cotangents
     K, B = cotangent.shape[:2]
     D = cotangent.reshape(K, B, -1, cotangent.shape[-1])
-    out: list[Contribution] = [(weight.leaf, Linear(weight.index, tokens(records[x.record], B), D))]
+    whole = weight.index is None and bias is not None and bias.index is None
+    A = tokens(records[x.record], B)
+    out: list[Contribution] = [
+        (weight.leaf, Linear(weight.index, A, D, bias.leaf if whole else None))
+    ]
     if bias is not None:
         out.append((bias.leaf, Dense(bias.index, D.sum(dim=2))))
     return out
