@@ -6,9 +6,11 @@ channels to ``C_out / G`` output channels, used at every output position (the to
 
 - materialised: the per-sample gradients, a block of output channels at a time (at most
   ``chunk_bytes`` of them), and the sum of the blocks' Gramians. A block comes from batched
-  products with the unfolded patches when those fit in ``chunk_bytes`` (few output positions),
-  else from ``aten.convolution_backward`` (weight only) per row, which never unfolds the input.
-  The JD direction is one such call for the whole batch;
+  products with the unfolded patches (few input channels, patches within ``chunk_bytes``), from
+  one grouped ``aten.convolution_backward`` (weight only) per output row with the samples as
+  groups (up to 64 x 128 channels per group), or else from one such call per row (see
+  :meth:`Conv.kernel_for_gradients`); the kernels never unfold the input. The JD direction is
+  one call for the whole batch;
 - ghost: the sum over groups of linear-map ghost Gramians on unfolded patches (built from the
   padded channels-last input), cheaper when few output positions meet large channel counts.
 """
