@@ -44,7 +44,8 @@ def linear_rule(
         (weight.leaf, Linear(weight.index, A, D, bias.leaf if whole else None))
     ]
     if bias is not None:
-        out.append((bias.leaf, Dense(bias.index, D.sum(dim=2))))
+        summed = D[:, :, 0] if D.shape[2] == 1 else D.sum(dim=2)  # one token: a view, no sum
+        out.append((bias.leaf, Dense(bias.index, summed)))
     return out
 
 
