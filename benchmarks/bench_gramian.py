@@ -287,8 +287,9 @@ def _torchjd_missing() -> str | None:
     return None
 
 
-def _time(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run; repeats interleave the methods so that load drifts hit all."""
+def _time(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run per repeat; repeats interleave the methods so that load drifts hit
+    all of them alike."""
     for run in runs.values():
         run()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -297,7 +298,14 @@ def _time(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def _spread(times: dict[str, list[float]], method: str) -> str:
+    """The lowest and highest of the per-repeat ratios ``method / step`` (each repeat times both
+    back to back), as a measure of how much the machine moved the ratio during the run."""
+    ratios = sorted(t / s for t, s in zip(times[method], times["step"], strict=True))
+    return f"{ratios[0]:.2f}-{ratios[-1]:.2f}x"
 
 
 def _peak_rss_bytes() -> int:
@@ -389,12 +397,16 @@ def main() -> None:
     for arch in args.arch or list(ARCHITECTURES):
         torch.manual_seed(0)
         setting = ARCHITECTURES[arch]()
-        seconds = _time({m: MAKERS[m](setting) for m in methods}, repeats)
+        times = _time({m: MAKERS[m](setting) for m in methods}, repeats)
+        seconds = {m: statistics.median(values) for m, values in times.items()}
         memory = {
             m: None if args.quick else _memory_in_subprocess(m, arch, args.threads) for m in methods
         }
         rows.append((arch, seconds, memory))
         cells = ", ".join(f"{m} {seconds[m] * 1e3:.0f} ms" for m in methods)
+        if "step" in times and repeats > 1:
+            spreads = ", ".join(f"{m} {_spread(times, m)}" for m in methods if m != "step")
+            cells += f" (per-repeat ratios to step: {spreads})"
         print(f"{arch}: {cells}", flush=True)
     _print_table(rows, methods)
 

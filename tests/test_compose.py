@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from oracle import flat_gramian
 from torch import nn
@@ -128,8 +129,14 @@ def test_inside_no_grad_and_with_inputs_requiring_grad() -> None:
     assert torch.allclose(gx, expected_gx, rtol=1e-9, atol=1e-12)
 
 
-def test_vmap_over_ensemble_with_chunked_rules() -> None:
+@pytest.mark.parametrize("kernel", ["chosen", "patches", "grouped", "rows"])
+def test_vmap_over_ensemble_with_chunked_rules(monkeypatch, kernel) -> None:
     # tiny chunks force the blockwise paths of the ghost and conv rules under an outer vmap
+    from torchgram._factors_conv import Conv
+
+    if kernel != "chosen":
+        monkeypatch.setattr(Conv, "kernel_for_gradients", lambda self, chunk_bytes: kernel)
+        monkeypatch.setattr("torchgram._factors_conv.use_ghost", lambda *shapes: False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(20, 1))
     members = [model.double()] + [
@@ -151,7 +158,14 @@ def test_vmap_over_ensemble_with_chunked_rules() -> None:
         assert torch.allclose(G[i], flat_gramian(fn, params, x), rtol=1e-10, atol=1e-12)
 
 
-def test_func_grad_of_trace_through_convolutions_equals_oracle() -> None:
+@pytest.mark.parametrize("kernel", ["chosen", "patches", "grouped", "rows"])
+def test_func_grad_of_trace_through_convolutions_equals_oracle(monkeypatch, kernel) -> None:
+    """Through every kernel of the materialised conv form (and the choice the shapes make)."""
+    from torchgram._factors_conv import Conv
+
+    if kernel != "chosen":
+        monkeypatch.setattr(Conv, "kernel_for_gradients", lambda self, chunk_bytes: kernel)
+        monkeypatch.setattr("torchgram._factors_conv.use_ghost", lambda *shapes: False)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, groups=1),
