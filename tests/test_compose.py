@@ -136,7 +136,7 @@ def test_vmap_over_ensemble_with_chunked_rules(monkeypatch, kernel) -> None:
 
     if kernel != "chosen":
         monkeypatch.setattr(Conv, "kernel_for_gradients", lambda self, chunk_bytes: kernel)
-        monkeypatch.setattr("torchgram._factors_conv.use_ghost", lambda *shapes: False)
+        monkeypatch.setattr(Conv, "form", lambda self: "materialised")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(20, 1))
     members = [model.double()] + [
@@ -165,7 +165,7 @@ def test_func_grad_of_trace_through_convolutions_equals_oracle(monkeypatch, kern
 
     if kernel != "chosen":
         monkeypatch.setattr(Conv, "kernel_for_gradients", lambda self, chunk_bytes: kernel)
-        monkeypatch.setattr("torchgram._factors_conv.use_ghost", lambda *shapes: False)
+        monkeypatch.setattr(Conv, "form", lambda self: "materialised")
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, groups=1),

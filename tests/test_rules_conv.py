@@ -89,18 +89,17 @@ def test_small_chunks_give_the_same_gramian(monkeypatch, chunk) -> None:
     check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
 
 
-@pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialised"])
+@pytest.mark.parametrize("form", ["patches", "pixels", "materialised"])
 @pytest.mark.parametrize("chunk", [1, 2**11, 2**30])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_both_forms_in_blocks_of_channels(monkeypatch, ghost, chunk, groups, rows) -> None:
-    """Each form, with blocks of one output channel (or group) up to the whole weight, and with
-    one or two output rows per sample (the blocks then hold K*B rows)."""
-    import torchgram._factors_conv as conv
-
-    monkeypatch.setattr(conv, "use_ghost", lambda *shapes: ghost)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_form_in_blocks(monkeypatch, form, chunk, groups, rows, stride) -> None:
+    """Each form, with blocks of one output channel (or group, or sample) up to the whole
+    weight, and with one or two output rows per sample (the blocks then hold K*B rows)."""
+    _force_form(monkeypatch, form)
     torch.manual_seed(0)
-    layer = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=groups).double()
+    layer = nn.Conv2d(4, 6, 3, padding=1, stride=stride, groups=groups).double()
     params = {k: v.detach() for k, v in layer.named_parameters()}
     x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
 
@@ -111,10 +110,21 @@ def test_both_forms_in_blocks_of_channels(monkeypatch, ghost, chunk, groups, row
     check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
 
 
-def _force_form(monkeypatch, ghost: bool) -> None:
-    import torchgram._factors_conv as conv
+def _force_form(monkeypatch, form: str | bool) -> None:
+    """Force the conv factors' form: ``"patches"``, ``"pixels"`` (ghost forms; pixels need
+    stride 1, patches are used otherwise) or ``"materialised"``; True or False for ghost on
+    patches or materialised."""
+    from torchgram._factors_conv import Conv
 
-    monkeypatch.setattr(conv, "use_ghost", lambda *shapes: ghost)
+    if isinstance(form, bool):
+        form = "patches" if form else "materialised"
+
+    def forced(self):
+        if form == "pixels" and any(s != 1 for s in self.stride):
+            return "patches"
+        return form
+
+    monkeypatch.setattr(Conv, "form", forced)
 
 
 def _count_blocks(monkeypatch, method: str) -> list[int]:
@@ -134,7 +144,7 @@ def _count_blocks(monkeypatch, method: str) -> list[int]:
     return counts
 
 
-FORMS = pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialised"])
+FORMS = pytest.mark.parametrize("ghost", ["patches", "pixels", "materialised"])
 KERNELS = pytest.mark.parametrize("kernel", ["patches", "grouped", "rows"])
 GENERATORS = {"patches": "_patch_blocks", "grouped": "_grouped_blocks", "rows": "_blocks"}
 
@@ -298,3 +308,44 @@ def test_kernel_for_gradients(batch, c_in, c_out, size, groups, chunk, expected)
     dy = torch.zeros(1, batch, 1, c_out, size, size)
     factor = Conv(None, x, dy, (3, 3), (1, 1), (1, 1), (1, 1), groups)
     assert factor.kernel_for_gradients(chunk) == expected
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_pixel_similarities_with_dilation_padding_and_several_images(
+    monkeypatch, batch_dim, n
+) -> None:
+    """The pixel form, stride 1: with ``batch_dim=None`` every sample holds N images (one per
+    row of the batch), each with its own zero pixel for the padding."""
+    from torchgram._factors_conv import Conv
+
+    _force_form(monkeypatch, "pixels")
+    calls = []
+    similarity = Conv._pixel_similarity
+    monkeypatch.setattr(
+        Conv, "_pixel_similarity", lambda self, *a: calls.append(1) or similarity(self, *a)
+    )
+    torch.manual_seed(0)
+    layer = CONVS[n](4, 6, kernel_size=3, padding=2, dilation=2).double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 4, *(4 if n == 3 else 6,) * n, dtype=torch.float64)
+    check_exact(monkeypatch, _rows_fn(layer, 2), params, x, batch_dim=batch_dim)
+    assert calls
+
+
+@pytest.mark.parametrize(
+    ("batch", "channels", "size", "stride", "expected"),
+    [
+        (32, 512, 4, 1, "pixels"),  # late ResNet layers: 9x fewer similarity products
+        (32, 256, 8, 1, "materialised"),  # the pixel gathers cost more than they save
+        (32, 512, 4, 2, "patches"),  # stride 2: no pixel form
+        (64, 32, 16, 1, "materialised"),
+    ],
+)
+def test_form_by_cost(batch, channels, size, stride, expected) -> None:
+    from torchgram._factors_conv import Conv
+
+    x = torch.zeros(batch, 1, channels, size, size)
+    dy = torch.zeros(1, batch, 1, channels, size // stride, size // stride)
+    factor = Conv(None, x, dy, (3, 3), (stride, stride), (1, 1), (1, 1), 1)
+    assert factor.form() == expected

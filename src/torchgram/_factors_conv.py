@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,10 @@ from torchgram._factors import (
     DEFAULT_CHUNK_BYTES,
     Dense,
     Factor,
+    ghost_cost,
+    ghost_from_similarity,
     ghost_gramian,
+    materialised_cost,
     use_ghost,
 )
 
@@ -40,6 +43,9 @@ Tensor = torch.Tensor
 # call per row for layers of up to about 64 x 128 channels per group, and loses beyond.
 _FEW_CHANNELS = 16
 _GROUPED_CHANNELS = 64 * 128
+# The cost model counts one gathered element of the pixel form as this many multiply-adds (a
+# gather is memory-bound, a product is not).
+_GATHER_COST = 8
 
 
 @dataclass(frozen=True)
@@ -85,13 +91,10 @@ class Conv:
         return Dense(index, self.materialise().transpose(-1, -2))
 
     def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-        """``[K*B, K*B]``: ghost on patches, or the sum of the blocks' materialised Gramians."""
-        K, B, N, C_out = self.dy.shape[:4]
-        G = self.groups
-        T = N * math.prod(self.dy.shape[4:])
-        d_in = math.prod(self.kernel) * self.x.shape[2] // G
-        if use_ghost(torch.Size((B, T, d_in)), torch.Size((K, B, T, C_out // G))):
-            return self._ghost(chunk_bytes)
+        """``[K*B, K*B]``: a ghost form, or the sum of the blocks' materialised Gramians."""
+        form = self.form()
+        if form != "materialised":
+            return self._ghost(chunk_bytes, pixels=form == "pixels")
         blocks = {"patches": self._patch_blocks, "grouped": self._grouped_blocks}.get(
             self.kernel_for_gradients(chunk_bytes), self._blocks
         )(chunk_bytes)
@@ -101,6 +104,26 @@ class Conv:
             total = part if total is None else total + part
         assert total is not None
         return total
+
+    def form(self) -> str:
+        """The cheapest form by the cost model, per group: ``"materialised"``, or the ghost form
+        with its token similarities from ``"patches"`` (``<patch, patch>``) or, for stride 1,
+        from ``"pixels"`` (one ``<pixel, pixel>`` product per pair of input pixels, then a sum
+        over the kernel offsets of gathered entries: ``prod(kernel)`` times fewer products)."""
+        K, B, N, C_out = self.dy.shape[:4]
+        T = N * math.prod(self.dy.shape[4:])
+        c_in = self.x.shape[2] // self.groups
+        a = torch.Size((B, T, math.prod(self.kernel) * c_in))
+        d = torch.Size((K, B, T, C_out // self.groups))
+        pixels = None
+        if all(s == 1 for s in self.stride):
+            M = N * (math.prod(self.x.shape[3:]) + 1)  # pixels of a sample, with a zero one
+            gathers = math.prod(self.kernel) * (B * T * B * M + (B * T) ** 2)
+            pixels = B * B * M * M * c_in + _GATHER_COST * gathers + ghost_cost(a, d)
+            pixels -= B * B * T * T * a[-1]  # the patch similarity it replaces
+        ghost = "patches" if use_ghost(a, d) else "materialised"
+        rival = ghost_cost(a, d) if ghost == "patches" else materialised_cost(a, d)
+        return "pixels" if pixels is not None and pixels < rival else ghost
 
     def kernel_for_gradients(self, chunk_bytes: int) -> str:
         """How the materialised form builds per-sample gradients: ``"patches"``, ``"grouped"``
@@ -189,14 +212,66 @@ class Conv:
             [False, True, False],
         )[1]  # fmt: skip
 
-    def _ghost(self, chunk_bytes: int) -> Tensor:
-        """The sum over groups of linear-map ghost Gramians on unfolded patches."""
+    def _ghost(self, chunk_bytes: int, pixels: bool) -> Tensor:
+        """The sum over groups of linear-map ghost Gramians, the token similarities from
+        unfolded patches or (stride 1) from pixel similarities."""
         K, B, _, C_out = self.dy.shape[:4]
         G = self.groups
-        A = self._patches()
         D = self.dy.movedim(3, -1).reshape(K, B, -1, G, C_out // G)
-        parts = [ghost_gramian(A[:, :, g], D[..., g, :], chunk_bytes) for g in range(G)]
+        if pixels:
+            index = self._pixel_index()
+            parts = [
+                ghost_from_similarity(self._pixel_similarity(g, index), D[..., g, :], chunk_bytes)
+                for g in range(G)
+            ]
+        else:
+            A = self._patches()
+            parts = [ghost_gramian(A[:, :, g], D[..., g, :], chunk_bytes) for g in range(G)]
         return parts[0] if G == 1 else torch.stack(parts).sum(0)
+
+    def _pixel_index(self) -> list[Tensor]:
+        """For each kernel offset, the input pixel under it at every token (image n, output
+        position t) of a sample, as a position among the sample's N * (P + 1) pixels (P per
+        image, then a zero one for positions in the padding). Stride 1."""
+        N, spatial, out = self.x.shape[1], self.x.shape[3:], self.dy.shape[4:]
+        P = math.prod(spatial)
+        device = self.x.device
+        grids = torch.meshgrid(*(torch.arange(n, device=device) for n in out), indexing="ij")
+        images = torch.arange(N, device=device).unsqueeze(1) * (P + 1)
+        index = []
+        for offset in itertools.product(*(range(k) for k in self.kernel)):
+            flat = torch.zeros(tuple(out), dtype=torch.long, device=device)
+            valid = torch.ones(tuple(out), dtype=torch.bool, device=device)
+            dims = zip(grids, offset, self.padding, self.dilation, spatial, strict=True)
+            for grid, o, pad, dil, size in dims:
+                position = grid - pad + o * dil
+                valid &= (position >= 0) & (position < size)
+                flat = flat * size + position
+            flat = torch.where(valid, flat, P).reshape(1, -1)
+            index.append((images + flat).reshape(-1))
+        return index
+
+    def _pixel_similarity(self, g: int, index: list[Tensor]) -> Callable[[slice, slice], Tensor]:
+        """``<patch[i, t], patch[j, s]> = sum_o <x[i, t + o], x[j, s + o]>`` for group g, from
+        one product of the two blocks' pixels and a gather per kernel offset o."""
+        B, C = self.x.shape[0], self.x.shape[2]
+        c = C // self.groups
+        x = self.x[:, :, g * c : (g + 1) * c].flatten(3).transpose(2, 3)  # [B, N, P, c]
+        x = F.pad(x, (0, 0, 0, 1)).reshape(B, -1, c)  # a zero pixel after each image's
+        M = x.shape[1]
+
+        def similarity(i: slice, j: slice) -> Tensor:
+            rows, cols = x[i], x[j]
+            Q = rows.reshape(-1, c) @ cols.reshape(-1, c).T  # [b_i * M, b_j * M]
+            S: Tensor | None = None
+            for at in index:  # row then column gathers of a 2-D tensor: the fast kernels
+                part = Q.index_select(0, _in_block(at, len(rows), M))
+                part = part.index_select(1, _in_block(at, len(cols), M))
+                S = part if S is None else S + part
+            assert S is not None
+            return S
+
+        return similarity
 
     def _patches(self) -> Tensor:
         """``[B, N * L, G, prod(kernel) * C_in / G]`` (kernel offsets major, channels minor)."""
@@ -215,3 +290,10 @@ class Conv:
         G = self.groups
         grouped = stacked.reshape(B, -1, len(pieces), G, C // G).transpose(2, 3)
         return grouped.reshape(B, grouped.shape[1], G, -1)
+
+
+def _in_block(index: Tensor, samples: int, pixels: int) -> Tensor:
+    """A sample's pixel positions ``index`` for each of ``samples`` consecutive samples of
+    ``pixels`` pixels each, flattened."""
+    starts = torch.arange(samples, device=index.device).unsqueeze(1) * pixels
+    return (starts + index).reshape(-1)
