@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.func import vjp
 
+from torchgram._guards import captured_write_error
 from torchgram._memo import Probed
 from torchgram._pytree import Inputs
 from torchgram._tape import Tape, TapeMismatch, differentiable
@@ -61,14 +62,7 @@ def refuse_mutation(caller: str) -> Iterator[None]:
     except RuntimeError as error:
         if "mutate a captured Tensor" not in str(error):
             raise
-        raise ValueError(
-            f"{caller}: fn changes in place a tensor it did not create ({error}). "
-            "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
-            "cause is BatchNorm in training mode updating its running statistics: call "
-            "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
-            "(or track_running_stats=False) to normalise with batch statistics without "
-            "updating any (then with batch_dim=None, as batch statistics mix samples)."
-        ) from None
+        raise captured_write_error(caller, str(error)) from None
 
 
 def probe(

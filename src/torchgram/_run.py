@@ -29,13 +29,14 @@ from typing import Any
 
 import optree
 import torch
-from torch.func import vjp, vmap
+from torch.func import vmap
 
 from torchgram._assemble import gramian_of_factors, weighted_gradients
 from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
 from torchgram._memo import Probed, Probes, signature
 from torchgram._probe import check_taps, probe, refuse_mutation, split_output
 from torchgram._pytree import Inputs
+from torchgram._reverse import linearise_taps, pull_back
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
 from torchgram._tape import Tape, TapeMismatch, Use
@@ -138,10 +139,6 @@ def linearise(
     return result
 
 
-def _no_pullback(*cotangents: Tensor) -> tuple[()]:
-    return ()
-
-
 class _Aux:
     """Carries aux across ``vjp`` (which takes only tensors): the structure stays here."""
 
@@ -157,35 +154,6 @@ class _Aux:
         given = iter(tensors)
         leaves = [next(given) if isinstance(x, Tensor) else x for x in self._leaves]
         return optree.tree_unflatten(self._spec, leaves)
-
-
-def _vjp(
-    run: Callable[[tuple[Tensor, ...]], tuple[Tensor, Any]], taps: tuple[Tensor, ...]
-) -> tuple[tuple[Tensor, Any], Callable[..., Any]]:
-    """``vjp`` with respect to the taps; without taps (no parameter used) just the run."""
-    if not taps:
-        return run(taps), _no_pullback
-    out, pullback, aux = vjp(run, taps, has_aux=True)  # type: ignore[misc]
-    return (out, aux), pullback
-
-
-def _pull_back(pullback: Callable[..., Any], out: Tensor, per_sample: torch.Size) -> list[Tensor]:
-    """Cotangents ``[K, B, ...]`` of every tap, for the K one-hot rows of each sample.
-
-    One reverse pass (vmapped over the rows), which frees the forward's saved tensors as it goes,
-    as a backward pass does (``vjp`` would keep them for another call). It records a graph of its
-    own only when the Gramian may be differentiated: when fn's output requires grad outside the
-    run (parameters or data that require grad, tensors fn closes over, an outer ``grad``).
-    """
-    differentiable = torch.is_grad_enabled() and out.requires_grad
-    once = functools.partial(pullback, retain_graph=False, create_graph=differentiable)
-    rows = per_sample.numel()
-    if rows == 1:
-        (cotangents,) = once(torch.ones_like(out))
-        return [c.unsqueeze(0) for c in cotangents]
-    eye = torch.eye(rows, dtype=out.dtype, device=out.device).reshape(rows, *per_sample)
-    (cotangents,) = vmap(once)(eye.expand(rows, *out.shape))
-    return list(cotangents)
 
 
 def _zero_taps(
@@ -208,17 +176,18 @@ def _linearise_whole(
 
     several = probed.shape.numel() > 1  # then the pull-back is vmapped over them
 
-    def run(taps: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
-        tape.taps = taps
+    def run(taps: tuple[Tensor, ...], watch: bool) -> tuple[Tensor, Any]:
+        tape.start(taps, watch)
         with _batchable_attention() if several else contextlib.nullcontext(), tape:
             out, aux = split_output(inputs.call(fn, inputs.data), options.has_aux, options.caller)
         return out, (tuple(tape.records), box.pack(aux))
 
     with refuse_mutation(options.caller):
-        (out, (records, aux)), pullback = _vjp(run, taps)
+        reverse = linearise_taps(run, taps)
+    out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
-    cotangents = _pull_back(pullback, out, out.shape) if taps else []
+    cotangents = pull_back(reverse, out.shape) if taps else []
     return Linearised(
         out,
         aux,
@@ -282,24 +251,27 @@ def _merge(stacked: Tensor, b: int) -> Tensor:
 
 def _vmapped(
     fn: Callable[..., Any], inputs: Inputs, options: Options, tape: Tape
-) -> Callable[[list[Any], tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...], Any, int]]:
+) -> Callable[[list[Any], tuple[Tensor, ...], bool], tuple[Tensor, tuple[Tensor, ...], Any, int]]:
     """fn over the samples, each call seeing a batch of one, under ``tape``.
 
-    The returned function gives ``(out, records, aux, batch_dim)``: out ``S``, the records
-    ``[B, ...]``, aux with its tensors stacked on the samples, and the non-negative batch_dim.
+    The returned function ``run(data, taps, watch)`` gives ``(out, records, aux, batch_dim)``: out
+    ``S``, the records ``[B, ...]``, aux with its tensors stacked on the samples, and the
+    non-negative batch_dim (``watch``: see :meth:`Tape.start`).
     """
     dims = list(inputs.dims)
     aux_parts: list[Any] = []
+    watching = [False]
 
     def per_sample(taps: tuple[Tensor, ...], data: list[Any]) -> Any:
-        tape.taps = taps
+        tape.start(taps, watching[0])
         with tape:
             out, aux = split_output(inputs.call(fn, data), options.has_aux, options.caller)
         leaves, spec = optree.tree_flatten(aux, none_is_leaf=True)
         aux_parts[:] = [spec, leaves]
         return out, tuple(tape.records), tuple(x for x in leaves if isinstance(x, Tensor))
 
-    def run(data: list[Any], taps: tuple[Tensor, ...]):
+    def run(data: list[Any], taps: tuple[Tensor, ...], watch: bool = False):
+        watching[0] = watch
         one = [x if d is None else x.unsqueeze(d + 1) for x, d in zip(data, dims, strict=True)]
         with _batchable_attention():
             out, records, aux_tensors = vmap(per_sample, (0, dims), randomness="different")(
@@ -370,12 +342,13 @@ def _linearise_per_sample(
 
     box = _Aux()
 
-    def differentiable(taps: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
-        out, records, aux, _ = run(list(inputs.data), taps)
+    def differentiable(taps: tuple[Tensor, ...], watch: bool) -> tuple[Tensor, Any]:
+        out, records, aux, _ = run(list(inputs.data), taps, watch)
         return out, (records, box.pack(aux))
 
     with refuse_mutation(options.caller):
-        (out, (records, aux)), pullback = _vjp(differentiable, taps)
+        reverse = linearise_taps(differentiable, taps)
+    out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
     check = options.check_samples and not probed.samples_checked and batch >= 2
@@ -384,7 +357,7 @@ def _linearise_per_sample(
             _check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
         probed.samples_checked = True
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    cotangents = _pull_back(pullback, out, per_sample) if taps else []
+    cotangents = pull_back(reverse, per_sample) if taps else []
     return Linearised(
         out, aux, tape.uses, list(records), cotangents, inputs.params, b, options.chunk_bytes
     )

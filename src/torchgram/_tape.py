@@ -26,6 +26,7 @@ import optree
 import torch
 from torch.overrides import TorchFunctionMode
 
+from torchgram._guards import Guard
 from torchgram._rnn import RNN_OPS, run_recurrent
 
 Tensor = torch.Tensor
@@ -41,13 +42,6 @@ _VIEW_OPS = frozenset(
     }
 )  # fmt: skip
 _AS_OPS = {"view_as": "view", "reshape_as": "reshape", "expand_as": "expand"}
-_DROPOUTS = frozenset(
-    {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
-)
-_RANDOM_OPS = frozenset(
-    {"bernoulli", "rand_like", "randn_like", "randint_like", "normal", "multinomial", "rand"}
-    | {"randn", "randint", "randperm", "native_dropout", "uniform_", "normal_", "bernoulli_"}
-)
 # Ops whose parameters are small next to their output (the affine parameters of norms; scales,
 # shifts and biases broadcast by elementwise ops): the taps go on the parameter arguments, so the
 # pull-back yields their per-sample gradients directly and the output cotangent is never kept.
@@ -57,14 +51,6 @@ PARAMETER_TAPPED = frozenset(
         "mul", "__mul__", "__rmul__", "multiply", "add", "__add__", "__radd__", "sub", "__sub__",
         "subtract", "__rsub__", "rsub", "div", "__truediv__", "__rdiv__", "true_divide",
         "divide",
-    }
-)  # fmt: skip
-# In-place operators and item assignment (the other in-place ops end with "_").
-_IN_PLACE_DUNDERS = frozenset(
-    {
-        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
-        "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
-        "__ilshift__", "__irshift__",
     }
 )  # fmt: skip
 _DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
@@ -161,10 +147,6 @@ class TapeMismatch(RuntimeError):
         )
 
 
-class CrossSampleOpError(ValueError):
-    """fn called an op that mixes the samples of a batch while ``batch_dim`` was set."""
-
-
 def _never(*args: Any, **kwargs: Any) -> bool:
     return False
 
@@ -204,31 +186,49 @@ class Tape(TorchFunctionMode):
         self, params: Sequence[Tensor], taps: Sequence[Tensor] | None, caller: str, per_sample: bool
     ) -> None:
         super().__init__()
-        self.taps = taps
         self.caller = caller
-        self.per_sample = per_sample
+        self.guard = Guard(caller, per_sample)
+        self._params = tuple(params)
+        self.start(taps)
+
+    def start(self, taps: Sequence[Tensor] | None, watch: bool = False) -> None:
+        """Begin a run with these taps (None: shapes only), forgetting any earlier one.
+
+        ``watch``: the run is plain autograd, so writes into tensors fn did not create are
+        handed back (see :mod:`torchgram._guards`).
+        """
+        self.taps = taps
         self.uses: list[Use] = []
         self.records: list[Tensor] = []
         self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
-        self.random = False
-        self._views: dict[int, ParamView] = {}
-        for position, leaf in enumerate(params):
-            self._views[id(leaf)] = ParamView(position, leaf, None)
+        self._views: dict[int, ParamView] = {
+            id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(self._params)
+        }
+        self.guard.start(watch)
+
+    @property
+    def random(self) -> bool:
+        """Whether fn used randomness in this run (then the sample check is skipped)."""
+        return self.guard.random
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = op_name(func)
-        self._check_op(name, args, kwargs)
+        self.guard.before(func, name, args, kwargs)
+        return self.guard.after(self._dispatch(func, name, args, kwargs))
+
+    def _dispatch(self, func: Callable[..., Any], name: str, args: Any, kwargs: dict) -> Any:
         if name in RNN_OPS and not kwargs:
             with self:
                 return run_recurrent(name, args, self.caller)
         if not self._may_use_params(args, kwargs):
             return func(*args, **kwargs)
-        leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        leaves: list[Any]
+        leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
         slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in self._views]
         if not slots:
             return func(*args, **kwargs)
-        self._refuse_in_place(name, kwargs)
+        self.guard.refuse_writes_reading_params(name, kwargs)
         if name in _VIEW_OPS and self._only_tensor(leaves, slots, name):
             return self._follow_view(func, name, leaves, spec, slots[0])
         if name in PARAMETER_TAPPED:  # before stepping inside (``__rdiv__`` is a function)
@@ -251,42 +251,6 @@ class Tape(TorchFunctionMode):
             elif isinstance(value, (list, tuple, dict)):
                 return True  # nested: flatten to see
         return False
-
-    def _check_op(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
-        if name in _DROPOUTS:
-            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            training = kwargs.get(
-                "training", kwargs.get("train", args[2] if len(args) > 2 else True)
-            )
-            self.random |= bool(training) and float(p) > 0
-        elif name in _RANDOM_OPS:
-            self.random = True
-        elif self.per_sample and name == "batch_norm":
-            training = kwargs.get("training", args[5] if len(args) > 5 else False)
-            if training:
-                raise CrossSampleOpError(
-                    f"{self.caller}: fn calls batch_norm in training mode, which normalises each "
-                    "sample with statistics of the whole batch, so a sample's output depends on "
-                    "the other samples and batch_dim's promise does not hold. Call model.eval() "
-                    "to use running statistics, replace BatchNorm with GroupNorm or LayerNorm, or "
-                    "pass batch_dim=None (exact with batch statistics)."
-                )
-
-    def _refuse_in_place(self, name: str, kwargs: dict[str, Any]) -> None:
-        """Refuse an op that writes into a tensor while reading a parameter: its result is the
-        written tensor, so a tap on it would not reach what the parameter changed (item
-        assignment would silently lose the parameter), and its record could change."""
-        writes = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
-        if not writes and kwargs.get("out") is None:
-            return
-        how = "with out=" if not writes else "in place"
-        raise ValueError(
-            f"{self.caller}: fn calls {name} {how} with a parameter among its arguments. The "
-            "Gramian is computed from each use's result, and an op that writes into a tensor "
-            "(or into the parameter itself) does not give one that can be tracked. Use the "
-            "out-of-place form instead: h = h + w for h += w, h = h * w for h.mul_(w), "
-            "torch.cat or torch.where instead of assigning a parameter into h[...]."
-        )
 
     def _only_tensor(self, leaves: list[Any], slots: list[int], name: str) -> bool:
         """Whether a view op's only tensor input is the one parameter view it reads."""

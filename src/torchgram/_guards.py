@@ -1,0 +1,160 @@
+"""What the tape checks on every op before it runs.
+
+- randomness (dropout in training, random sampling), which skips the sample check;
+- ops that mix samples under ``batch_dim`` (batch norm with batch statistics): refused;
+- writes the Gramian cannot follow (an in-place op or ``out=`` reading a parameter): refused;
+- batch norm in training mode with running statistics, which it updates inside the kernel (out of
+  sight of the tape and of ``torch.func``): refused;
+- when the run is plain autograd (no ``torch.func`` transform refuses them for us), writes into
+  tensors fn did not create in this run (a buffer, an argument, a captured tensor): before such
+  an op runs, :class:`NeedsTransform` hands
+  the run back so that it is made again under ``torch.func.vjp``, which refuses the write with
+  its own error, or lets it through where the guess was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+_DROPOUTS = frozenset(
+    {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
+)
+_RANDOM_OPS = frozenset(
+    {"bernoulli", "rand_like", "randn_like", "randint_like", "normal", "multinomial", "rand"}
+    | {"randn", "randint", "randperm", "native_dropout", "uniform_", "normal_", "bernoulli_"}
+)
+# In-place operators and item assignment (the other in-place ops end with "_").
+_IN_PLACE_DUNDERS = frozenset(
+    {
+        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
+        "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+        "__ilshift__", "__irshift__",
+    }
+)  # fmt: skip
+
+
+class CrossSampleOpError(ValueError):
+    """fn called an op that mixes the samples of a batch while ``batch_dim`` was set."""
+
+
+class NeedsTransform(Exception):
+    """An op is about to write into a tensor fn did not create in this run."""
+
+
+def captured_write_error(caller: str, detail: str) -> ValueError:
+    """The error for fn writing into a tensor it did not create (``detail``: what did)."""
+    return ValueError(
+        f"{caller}: fn changes in place a tensor it did not create ({detail}). "
+        "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
+        "cause is BatchNorm in training mode updating its running statistics: call "
+        "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
+        "(or track_running_stats=False) to normalise with batch statistics without "
+        "updating any (then with batch_dim=None, as batch statistics mix samples)."
+    )
+
+
+def writes(name: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the op writes into one of its arguments (in place, or into ``out=``)."""
+    in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+    return in_place or kwargs.get("out") is not None
+
+
+class Guard:
+    """The checks of one run; see the module docstring.
+
+    Args:
+        caller: How to name the public call in error messages.
+        per_sample: Whether fn runs on one sample (``batch_dim`` set).
+    """
+
+    def __init__(self, caller: str, per_sample: bool) -> None:
+        self.caller = caller
+        self.per_sample = per_sample
+        self.random = False
+        self.watch = False  # whether writes into tensors fn did not create are handed back
+        self._created: set[int] = set()
+
+    def start(self, watch: bool) -> None:
+        """A fresh run (``watch``: it is plain autograd)."""
+        self.random = False
+        self.watch = watch
+        self._created.clear()
+
+    def before(
+        self, func: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict
+    ) -> None:
+        """Check an op before it runs."""
+        if name in _DROPOUTS:
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get(
+                "training", kwargs.get("train", args[2] if len(args) > 2 else True)
+            )
+            self.random |= bool(training) and float(p) > 0
+        elif name in _RANDOM_OPS:
+            self.random = True
+        elif name == "batch_norm":
+            self._batch_norm(func, args, kwargs)
+        if self.watch and writes(name, kwargs):
+            target = kwargs.get("out", args[0] if args else None)
+            if not (isinstance(target, Tensor) and self._made_here(target)):
+                raise NeedsTransform(name)
+
+    def after(self, result: Any) -> Any:
+        """Remember the tensors an op returned as created in this run; return ``result``."""
+        if self.watch:
+            if isinstance(result, Tensor):
+                self._created.add(id(result))
+            elif isinstance(result, (tuple, list)):
+                self._created.update(id(x) for x in result if isinstance(x, Tensor))
+        return result
+
+    def refuse_writes_reading_params(self, name: str, kwargs: dict[str, Any]) -> None:
+        """Refuse an op that writes into a tensor while reading a parameter: its result is the
+        written tensor, so a tap on it would not reach what the parameter changed (item
+        assignment would silently lose the parameter), and its record could change."""
+        if not writes(name, kwargs):
+            return
+        in_place = kwargs.get("out") is None
+        raise ValueError(
+            f"{self.caller}: fn calls {name} {'in place' if in_place else 'with out='} with a "
+            "parameter among its arguments. The Gramian is computed from each use's result, and "
+            "an op that writes into a tensor (or into the parameter itself) does not give one "
+            "that can be tracked. Use the out-of-place form instead: h = h + w for h += w, "
+            "h = h * w for h.mul_(w), torch.cat or torch.where instead of assigning a parameter "
+            "into h[...]."
+        )
+
+    def _made_here(self, tensor: Tensor) -> bool:
+        base = tensor._base
+        return id(tensor) in self._created and (base is None or id(base) in self._created)
+
+    def _batch_norm(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> None:
+        training = kwargs.get("training", args[5] if len(args) > 5 else False)
+        if not training:
+            return
+        if self.per_sample:
+            raise CrossSampleOpError(
+                f"{self.caller}: fn calls batch_norm in training mode, which normalises each "
+                "sample with statistics of the whole batch, so a sample's output depends on "
+                "the other samples and batch_dim's promise does not hold. Call model.eval() "
+                "to use running statistics, replace BatchNorm with GroupNorm or LayerNorm, or "
+                "pass batch_dim=None (exact with batch statistics)."
+            )
+        # torch.nn.functional.batch_norm(input, running_mean, running_var, ...) and
+        # torch.batch_norm(input, weight, bias, running_mean, running_var, ...) update the running
+        # statistics inside the kernel, where neither the tape nor torch.func sees the write
+        positions = (1, 2) if func is torch.nn.functional.batch_norm else (3, 4)
+        names = ("running_mean", "running_var")
+        stats = [
+            kwargs.get(n, args[p] if len(args) > p else None)
+            for n, p in zip(names, positions, strict=True)
+        ]
+        if any(isinstance(s, Tensor) for s in stats):
+            raise captured_write_error(
+                self.caller, "batch_norm in training mode updates its running statistics"
+            )

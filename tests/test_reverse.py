@@ -1,0 +1,92 @@
+"""The real run and its reverse pass: plain autograd outside torch.func transforms, vjp inside,
+the same Gramian either way, and a graph kept only when something outside requires grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import flat_gramian
+from torch.func import grad, vmap
+
+import torchgram
+from torchgram import _reverse
+
+D = torch.float64
+W = {"w": torch.randn(4, 3, dtype=D), "v": torch.randn(3, 2, dtype=D)}
+X = torch.randn(5, 4, dtype=D)
+
+
+def losses(params, x):
+    return torch.tanh(x @ params["w"]) @ params["v"]  # [B, 2]
+
+
+@pytest.fixture
+def paths(monkeypatch) -> list[str]:
+    """Which way each run went: "autograd" or "vjp"."""
+    taken: list[str] = []
+    for name in ("_by_autograd", "_by_vjp"):
+        original = getattr(_reverse, name)
+
+        def spy(*args, original=original, name=name):
+            taken.append(name[4:])
+            return original(*args)
+
+        monkeypatch.setattr(_reverse, name, spy)
+    return taken
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_plain_autograd_outside_transforms(paths, batch_dim) -> None:
+    G = torchgram.gramian(losses, W, X, batch_dim=batch_dim)
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(losses, W, X), rtol=1e-10)
+    assert paths == ["autograd"]
+
+
+def test_vjp_inside_a_transform(paths) -> None:
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in W.items()}
+    G = vmap(torchgram.gramian_of(losses, batch_dim=0), in_dims=(0, None))(stacked, X)
+    for i in range(2):
+        member = {k: v[i] for k, v in stacked.items()}
+        expected = flat_gramian(losses, member, X)
+        assert torch.allclose(torchgram.flatten(G[i]), expected, rtol=1e-10)
+    assert paths == ["vjp"]
+    paths.clear()
+    grad(lambda p: torchgram.flatten(torchgram.gramian(losses, p, X, batch_dim=0)).trace())(W)
+    assert paths == ["vjp"]
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_nothing_requires_grad_after_a_run_without_outside_gradients(batch_dim) -> None:
+    out, vjp_fn, G = torchgram.vjp_and_gramian(losses, W, X, batch_dim=batch_dim)
+    aux_fn = lambda p, x: (losses(p, x), {"h": torch.tanh(losses(p, x))})
+    _, _, G_aux, aux = torchgram.vjp_and_gramian(aux_fn, W, X, batch_dim=batch_dim, has_aux=True)
+    direction = vjp_fn(torch.ones_like(out))
+    tensors = [out, G, aux["h"], *direction.values()]
+    assert not any(t.requires_grad for t in tensors)
+    # aux used the parameters again: those uses' taps get zero cotangents
+    expected = flat_gramian(losses, W, X)
+    assert torch.allclose(torchgram.flatten(G_aux), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("outside", ["parameter", "data", "closure"])
+def test_a_graph_when_something_outside_requires_grad(outside) -> None:
+    params = {k: v.clone().requires_grad_(outside == "parameter") for k, v in W.items()}
+    x = X.clone().requires_grad_(outside == "data")
+    scale = torch.tensor(1.5, dtype=D, requires_grad=outside == "closure")
+
+    def fn(params, x):
+        return losses(params, x) * scale
+
+    G = torchgram.gramian(fn, params, x, batch_dim=0)
+    assert G.requires_grad
+    with torch.no_grad():
+        assert not torchgram.gramian(fn, params, x, batch_dim=0).requires_grad
+
+
+def test_needs_grad_beyond_the_taps() -> None:
+    tap = torch.zeros(3, requires_grad=True)
+    other = torch.ones(3, requires_grad=True)
+    assert not _reverse._needs_grad_beyond([(tap * 2).sum()], (tap,))
+    assert _reverse._needs_grad_beyond([(tap * other).sum()], (tap,))
+    assert _reverse._needs_grad_beyond([other], (tap,))  # a leaf itself
+    assert not _reverse._needs_grad_beyond([torch.ones(2)], (tap,))
