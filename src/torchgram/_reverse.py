@@ -43,8 +43,9 @@ class Reverse:
         out: fn's output (detached unless ``differentiable``).
         aux: What the run returned beside the output (tensors detached unless differentiable).
         differentiable: Whether the output depends on tensors that require grad outside the run.
-        pull: ``pull(rows)`` gives, for one-hot cotangent rows ``[R, *out.shape]`` (``R = 1``:
-            one row, ``[*out.shape]``), the cotangents ``[R, ...]`` of every tap. Call it once.
+        pull: ``pull(rows, batched)`` gives the cotangents of every tap for the cotangent rows
+            ``[R, *out.shape]`` of the output (``batched``), each ``[R, ...]``, or for one row
+            ``[*out.shape]`` (not ``batched``). Call it once: it frees the forward's graph.
     """
 
     out: Tensor
