@@ -126,3 +126,70 @@ def test_batch_norm_updating_running_statistics_is_refused(paths) -> None:
     paths.clear()
     _check(batch_statistics, None)
     assert paths == []
+
+
+WRITES = {
+    "inplace-keyword": lambda b: F.relu(b, inplace=True),
+    "inplace-positional": lambda b: F.relu(b, True),
+    "leaky-relu": lambda b: F.leaky_relu(b, 0.5, inplace=True),
+    "module": lambda b: torch.nn.ReLU(inplace=True)(b),
+    "contiguous": lambda b: b.contiguous().add_(1.0),
+    "to": lambda b: b.to(D).add_(1.0),
+    "double": lambda b: b.double().add_(1.0),
+    "as-tensor": lambda b: torch.as_tensor(b).add_(1.0),
+    "detach": lambda b: b.detach().add_(1.0),
+    "data": lambda b: b.data.add_(1.0),
+}
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("write", list(WRITES))
+def test_writes_on_a_remembered_signature_are_refused(batch_dim, write) -> None:
+    """The first call's probe runs under torch.func; a write that only later calls make must be
+    caught on the fast run too (through an ``inplace`` flag, or an op returning its input or an
+    alias of it)."""
+    buffer = -torch.ones(3, dtype=D)
+    armed = [False]
+
+    def fn(params, x):
+        h = x @ params["w"]
+        if armed[0]:
+            WRITES[write](buffer)
+        return torch.tanh(h).sum(-1)
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    transform(W, X)
+    armed[0] = True
+    with pytest.raises(ValueError, match="changes in place a tensor it did not create"):
+        transform(W, X)
+    assert torch.equal(buffer, -torch.ones(3, dtype=D))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_in_place_activations_on_fns_own_tensors_stay_fast(paths, batch_dim) -> None:
+    def fn(params, x):
+        h = F.relu(x @ params["w"], inplace=True)
+        h = torch.nn.ReLU(inplace=True)(h - 0.1)
+        return h.contiguous().double().pow(2).sum(-1)
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    for _ in range(2):
+        G = transform(W, X)
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W, X), rtol=1e-10)
+    assert paths == []
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_a_write_into_the_input_of_a_parameter_use_is_refused(batch_dim) -> None:
+    """The Gramian is computed from the recorded input of ``h @ v``: writing into h after it
+    would change the Gramian without changing fn's output."""
+    params = {"w": torch.randn(4, 3, dtype=D), "v": torch.randn(3, 2, dtype=D)}
+
+    def fn(params, x):
+        h = torch.tanh(x @ params["w"])
+        y = h @ params["v"]
+        h.add_(1.0)
+        return y.pow(2).sum(-1) + h.sum(-1)
+
+    with pytest.raises(ValueError, match="in place on the input of an op that uses a parameter"):
+        torchgram.gramian(fn, params, X, batch_dim=batch_dim)

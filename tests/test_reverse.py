@@ -90,3 +90,22 @@ def test_needs_grad_beyond_the_taps() -> None:
     assert _reverse._needs_grad_beyond([(tap * other).sum()], (tap,))
     assert _reverse._needs_grad_beyond([other], (tap,))  # a leaf itself
     assert not _reverse._needs_grad_beyond([torch.ones(2)], (tap,))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_inference_mode(paths, batch_dim) -> None:
+    """Autograd records nothing under inference mode: the run goes to vjp, which still does."""
+    with torch.inference_mode():
+        G = torchgram.gramian(losses, W, X, batch_dim=batch_dim)
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(losses, W, X), rtol=1e-10)
+    assert paths == ["vjp"]
+
+
+def test_no_graph_when_only_aux_needs_one() -> None:
+    scale = torch.tensor(2.0, dtype=D, requires_grad=True)
+
+    def fn(params, x):
+        return losses(params, x), {"scaled": x.sum() * scale}
+
+    out, _, G, _ = torchgram.vjp_and_gramian(fn, W, X, batch_dim=0, has_aux=True)
+    assert not out.requires_grad and not G.requires_grad

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -34,6 +36,16 @@ _IN_PLACE_DUNDERS = frozenset(
         "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
         "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
         "__ilshift__", "__irshift__",
+    }
+)  # fmt: skip
+
+
+# Ops whose result may be their input itself, or share its memory without being a view (no
+# ``_base``): the result of one applied to a tensor fn did not create is no tensor of fn's own.
+_ALIASING = frozenset(
+    {
+        "detach", "data", "requires_grad_", "contiguous", "to", "double", "float", "half",
+        "bfloat16", "cpu", "cuda", "type", "type_as", "as_tensor", "asarray",
     }
 )  # fmt: skip
 
@@ -64,6 +76,21 @@ def writes(name: str, kwargs: dict[str, Any]) -> bool:
     return in_place or kwargs.get("out") is not None
 
 
+def writes_input(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a function with an ``inplace`` flag (``F.relu(x, inplace=True)``) was asked to
+    write into its input: the in-place op it calls then runs out of the tape's sight."""
+    if "inplace" in kwargs:
+        return bool(kwargs["inplace"])
+    position = _inplace_position(func) if isinstance(func, FunctionType) else None
+    return position is not None and len(args) > position and bool(args[position])
+
+
+@functools.lru_cache(maxsize=256)
+def _inplace_position(func: FunctionType) -> int | None:
+    names = func.__code__.co_varnames[: func.__code__.co_argcount]
+    return names.index("inplace") if "inplace" in names else None
+
+
 class Guard:
     """The checks of one run; see the module docstring.
 
@@ -78,12 +105,20 @@ class Guard:
         self.random = False
         self.watch = False  # whether writes into tensors fn did not create are handed back
         self._created: set[int] = set()
+        self._recorded: set[int] = set()
 
     def start(self, watch: bool) -> None:
         """A fresh run (``watch``: it is plain autograd)."""
         self.random = False
         self.watch = watch
         self._created.clear()
+        self._recorded.clear()
+
+    def recorded(self, tensor: Tensor) -> None:
+        """``tensor`` is the input of a parameter use: the Gramian is computed from it later."""
+        self._recorded.add(id(tensor))
+        if tensor._base is not None:
+            self._recorded.add(id(tensor._base))
 
     def before(
         self, func: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict
@@ -99,19 +134,45 @@ class Guard:
             self.random = True
         elif name == "batch_norm":
             self._batch_norm(func, args, kwargs)
-        if self.watch and writes(name, kwargs):
-            target = kwargs.get("out", args[0] if args else None)
-            if not (isinstance(target, Tensor) and self._made_here(target)):
-                raise NeedsTransform(name)
+        if not (writes(name, kwargs) or writes_input(func, args, kwargs)):
+            return
+        target = kwargs.get("out", args[0] if args else None)
+        if not isinstance(target, Tensor):
+            return
+        if self._recorded and self._records_meet(target):
+            raise ValueError(
+                f"{self.caller}: fn calls {name} in place on the input of an op that uses a "
+                "parameter (or on a view of it), after that op. The Gramian is computed from "
+                "each such input as it is at the end of the run, so the write would change it "
+                "without changing fn's output. Use the out-of-place form (h = h + 1 for "
+                "h.add_(1), inplace=False)."
+            )
+        if self.watch and not self._made_here(target):
+            raise NeedsTransform(name)
 
-    def after(self, result: Any) -> Any:
+    def after(self, name: str, args: Sequence[Any], result: Any) -> Any:
         """Remember the tensors an op returned as created in this run; return ``result``."""
-        if self.watch:
-            if isinstance(result, Tensor):
-                self._created.add(id(result))
-            elif isinstance(result, (tuple, list)):
-                self._created.update(id(x) for x in result if isinstance(x, Tensor))
+        if not self.watch:
+            return result
+        if isinstance(result, Tensor):
+            self._remember(name, args, result)
+        elif isinstance(result, (tuple, list)):
+            for x in result:
+                if isinstance(x, Tensor):
+                    self._remember(name, args, x)
         return result
+
+    def _remember(self, name: str, args: Sequence[Any], result: Tensor) -> None:
+        if any(result is arg for arg in args):  # the op returned its input
+            return
+        if name in _ALIASING and args and isinstance(args[0], Tensor):
+            if not self._made_here(args[0]):  # shares the memory of a tensor fn did not make
+                return
+        self._created.add(id(result))
+
+    def _records_meet(self, target: Tensor) -> bool:
+        base = target._base
+        return id(target) in self._recorded or (base is not None and id(base) in self._recorded)
 
     def refuse_writes_reading_params(self, name: str, kwargs: dict[str, Any]) -> None:
         """Refuse an op that writes into a tensor while reading a parameter: its result is the

@@ -9,7 +9,8 @@ Two ways to differentiate with respect to the taps give the same cotangents:
   buffer, an argument), which ``vjp`` refuses before they happen; the tape hands such a run back
   before the write (:mod:`torchgram._guards`), and it is made again under ``vjp``.
 - **torch.func.vjp** inside a ``torch.func`` transform (an ensemble's ``vmap``, an outer ``grad``),
-  so that the run composes with it, and for runs handed back.
+  so that the run composes with it, under ``torch.inference_mode`` (where autograd records
+  nothing), and for runs handed back.
 
 Either way the reverse pass frees the forward's saved tensors as it goes, as a backward pass does,
 and records a graph of its own only when the Gramian may be differentiated: when fn's output
@@ -59,7 +60,7 @@ def linearise_taps(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     if not taps:
         out, aux = run(taps, False)
         return Reverse(out, aux, False, lambda rows, batched: ())
-    if not _inside_func_transform():
+    if not (_inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
             return _by_autograd(run, taps)
         except NeedsTransform:  # fn may write into a tensor it did not create: let vjp tell
@@ -96,8 +97,7 @@ def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     with torch.enable_grad():
         out, aux = run(leaves, True)
     aux_leaves, aux_spec = optree.tree_flatten(aux, none_is_leaf=True)
-    tensors = [x for x in (out, *aux_leaves) if isinstance(x, Tensor)]
-    differentiable = grad_enabled and _needs_grad_beyond(tensors, leaves)
+    differentiable = grad_enabled and _needs_grad_beyond([out], leaves)
 
     def pull(rows: Tensor, batched: bool) -> tuple[Tensor, ...]:
         lead = (rows.shape[0],) if batched else ()

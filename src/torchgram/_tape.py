@@ -215,7 +215,7 @@ class Tape(TorchFunctionMode):
         kwargs = kwargs or {}
         name = op_name(func)
         self.guard.before(func, name, args, kwargs)
-        return self.guard.after(self._dispatch(func, name, args, kwargs))
+        return self.guard.after(name, args, self._dispatch(func, name, args, kwargs))
 
     def _dispatch(self, func: Callable[..., Any], name: str, args: Any, kwargs: dict) -> Any:
         if name in RNN_OPS and not kwargs:
@@ -320,6 +320,7 @@ class Tape(TorchFunctionMode):
                 data.append(i)
                 stored[i] = DataRef(len(self.records))
                 self.records.append(value)
+                self.guard.recorded(value)
         return stored, data
 
     def _tap(self, value: Tensor) -> Tensor:
