@@ -154,16 +154,15 @@ def ghost_gramian(
         ``[K*B, K*B]``.
     """
     K, B, T, _ = D.shape
-    shift = 1.0 if ones else 0.0
     if T == 1:
         a = A[:, 0]
         d = D[:, :, 0].reshape(K * B, -1)
-        aa = a @ a.T + shift if ones else a @ a.T
+        aa = a @ a.T + 1 if ones else a @ a.T
         return ((d @ d.T).view(K, B, K, B) * aa[:, None]).view(K * B, K * B)
 
     def similarity(i: slice, j: slice) -> Tensor:
         S = A[i].reshape(-1, A.shape[-1]) @ A[j].reshape(-1, A.shape[-1]).T
-        return S + shift if ones else S
+        return S + 1 if ones else S
 
     return ghost_from_similarity(similarity, D, chunk_bytes)
 

@@ -76,7 +76,7 @@ class Conv:
         """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]`` (needed whole, so built in
         one block)."""
         K, B = self.dy.shape[:2]
-        grouped = self.kernel_for_gradients(DEFAULT_CHUNK_BYTES) == "grouped"
+        grouped = self.kernel_for_gradients(chunk_bytes) == "grouped"
         (g,) = (self._grouped_blocks if grouped else self._blocks)(None)
         return g.view(K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
 

@@ -96,7 +96,6 @@ def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     leaves = tuple(tap.detach().requires_grad_() for tap in taps)
     with torch.enable_grad():
         out, aux = run(leaves, True)
-    aux_leaves, aux_spec = optree.tree_flatten(aux, none_is_leaf=True)
     differentiable = grad_enabled and _needs_grad_beyond([out], leaves)
 
     def pull(rows: Tensor, batched: bool) -> tuple[Tensor, ...]:
@@ -120,8 +119,8 @@ def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     if differentiable:
         return Reverse(out, aux, True, pull)
     # Nothing outside the run needs a graph: what leaves it is detached from the taps' graph.
-    aux = optree.tree_unflatten(
-        aux_spec, [x.detach() if isinstance(x, Tensor) else x for x in aux_leaves]
+    aux = optree.tree_map(
+        lambda x: x.detach() if isinstance(x, Tensor) else x, aux, none_is_leaf=True
     )
     return Reverse(out.detach(), aux, False, pull)
 

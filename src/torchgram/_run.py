@@ -4,15 +4,16 @@ Two runs of ``fn`` (see :mod:`torchgram._probe` for the first):
 
 1. a probe that only learns the shapes of the tapped tensors (with ``batch_dim``, on a batch of
    one sample, which is what every vmapped call sees);
-2. the real run, under ``torch.func.vjp`` with respect to zero taps added to those tensors (with
-   ``batch_dim``, under ``torch.func.vmap`` over the samples, each call seeing a batch of one).
-   Its first two samples are then compared with fn run on them as one batch, which catches ops
-   that mix samples.
+2. the real run, differentiated with respect to zero taps added to those tensors (plain autograd,
+   or ``torch.func.vjp`` inside a transform: see :mod:`torchgram._reverse`; with ``batch_dim``,
+   under ``torch.func.vmap`` over the samples, each call seeing a batch of one). Its first two
+   samples are then compared with fn run on them as one batch, which catches ops that mix
+   samples.
 
-The vjp is then applied to one one-hot cotangent per non-batch output element (vmapped), which
-gives the cotangents ``[K, B, ...]`` of every tap: of a use's output, or, for a use tapped on its
-parameters, the per-sample gradients of those parameters. Gradients of whole parameter leaves are
-never formed.
+One reverse pass then pulls back one one-hot cotangent per non-batch output element (batched),
+which gives the cotangents ``[K, B, ...]`` of every tap: of a use's output, or, for a use tapped
+on its parameters, the per-sample gradients of those parameters. Gradients of whole parameter
+leaves are never formed.
 
 A transform built once (``gramian_of``, ``jd_grad``) remembers what the probe learned, and that the
 sample check passed, per signature of its arguments (see :mod:`torchgram._memo`), so that a
@@ -174,7 +175,7 @@ def _linearise_whole(
     tape = Tape(inputs.params, taps, options.caller, per_sample=False)
     box = _Aux()
 
-    several = probed.shape.numel() > 1  # then the pull-back is vmapped over them
+    several = probed.shape.numel() > 1  # then the pull-back is batched over them
 
     def run(taps: tuple[Tensor, ...], watch: bool) -> tuple[Tensor, Any]:
         tape.start(taps, watch)
