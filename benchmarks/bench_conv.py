@@ -1,0 +1,113 @@
+"""Times every form and kernel of a convolution weight's Gramian on the benchmark's layer shapes.
+
+Run ``python benchmarks/bench_conv.py`` (``--repeats``, ``--threads``). For each layer (the
+CIFAR-like CNN's and the ResNet-18's on 32x32 images, one output row per sample) it times, side
+by side in one process, the Gramian of the per-sample weight gradients
+
+- materialised, with the per-sample gradients from the unfolded patches (``patches``), from one
+  grouped weight-gradient convolution with the samples as groups (``grouped``) or from one such
+  convolution per sample (``rows``);
+- in the ghost form, with the token similarities from the patches (``ghost``) or, for stride 1,
+  from pixel similarities (``pixels``);
+
+as a ratio to one weight-gradient convolution over the whole batch (what a training step spends
+on that weight), and marks the form and kernel ``Conv`` chooses (``*``). This is where the
+thresholds in ``torchgram._factors_conv`` come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from torchgram._factors import DEFAULT_CHUNK_BYTES
+from torchgram._factors_conv import Conv
+
+Tensor = torch.Tensor
+# (name, batch, C_in, C_out, image size, stride)
+LAYERS = [
+    ("cnn conv1", 64, 3, 32, 32, 1),
+    ("cnn conv2", 64, 32, 64, 16, 1),
+    ("cnn conv3", 64, 64, 64, 8, 1),
+    ("resnet 64", 32, 64, 64, 32, 1),
+    ("resnet 64->128", 32, 64, 128, 32, 2),
+    ("resnet 128", 32, 128, 128, 16, 1),
+    ("resnet 256", 32, 256, 256, 8, 1),
+    ("resnet 512", 32, 512, 512, 4, 1),
+]
+CHOICES = ("patches", "grouped", "rows", "ghost", "pixels")
+
+
+def _median(run: Callable[[], object], repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _materialised(factor: Conv, kernel: str) -> Callable[[], Tensor]:
+    blocks = {"patches": factor._patch_blocks, "grouped": factor._grouped_blocks}
+    generate = blocks.get(kernel, factor._blocks)
+
+    def run() -> Tensor:
+        return sum(g @ g.T for g in generate(DEFAULT_CHUNK_BYTES))  # type: ignore[return-value]
+
+    return run
+
+
+def _row(name: str, B: int, c_in: int, c_out: int, size: int, stride: int, repeats: int) -> str:
+    """One table row: the batch's weight gradient, then each form and kernel as a ratio to it."""
+    x = torch.randn(B, 1, c_in, size, size)
+    dy = torch.randn(1, B, 1, c_out, size // stride, size // stride)
+    factor = Conv(None, x, dy, (3, 3), (stride, stride), (1, 1), (1, 1), 1)
+    step = _median(lambda: factor._weight_grad(dy[0, :, 0], x[:, 0], 1), repeats)
+    patch_bytes = B * (size // stride) ** 2 * 9 * c_in * x.element_size()
+    runs: dict[str, Callable[[], object] | None] = {
+        "patches": _materialised(factor, "patches") if patch_bytes <= DEFAULT_CHUNK_BYTES else None,
+        "grouped": _materialised(factor, "grouped"),
+        "rows": _materialised(factor, "rows"),
+        "ghost": lambda: factor._ghost(DEFAULT_CHUNK_BYTES, pixels=False),
+        "pixels": (lambda: factor._ghost(DEFAULT_CHUNK_BYTES, pixels=True))
+        if stride == 1
+        else None,
+    }
+    form = factor.form()
+    chosen = {"pixels": "pixels", "patches": "ghost"}.get(form) or factor.kernel_for_gradients(
+        DEFAULT_CHUNK_BYTES
+    )
+    cells = []
+    for choice in CHOICES:
+        run = runs[choice]
+        if run is None:
+            cells.append("-")
+            continue
+        cell = f"{_median(run, repeats) / step:.2f}x"
+        cells.append(cell + " *" if choice == chosen else cell)
+    return f"| {name} | {step * 1e3:.1f} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print("| layer | weight gradient (ms) | " + " | ".join(CHOICES) + " |")
+    print("|---|---:|" + "---:|" * len(CHOICES))
+    for layer in LAYERS:
+        print(_row(*layer, repeats=args.repeats), flush=True)
+    print("\nCells: median time / median time of the batch's weight-gradient convolution; ")
+    print("* the choice of Conv (form, then kernel); - not applicable (patches over the chunk, ")
+    print("pixels with stride 2).")
+
+
+if __name__ == "__main__":
+    main()
