@@ -330,3 +330,27 @@ def test_autocast_is_part_of_the_signature(batch_dim: int | None) -> None:
         fresh, fresh_dtype = torchgram.gramian(fn, w, x, y, batch_dim=batch_dim, has_aux=True)
         assert dtype == fresh_dtype == fn(w, x, y)[1] == torch.bfloat16
     assert torch.equal(G, fresh)
+
+
+def test_linear_with_bias_keeps_autocast_dtype() -> None:
+    """Under vmap (batch_dim) fn must see the dtype it sees alone: vmap's own rule for a biased
+    linear adds the bias in float32 under autocast (the tape adds it in the product's dtype)."""
+    torch.manual_seed(0)
+    w = {"w": torch.randn(3, 4), "b": torch.randn(3)}
+    x = torch.randn(5, 4)
+
+    dtypes = []
+
+    def fn(w, x):
+        out = torch.nn.functional.linear(x, w["w"], w["b"])
+        dtypes.append(out.dtype)
+        return out.float().pow(2).sum(-1), out.dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 rounding differs per sample
+        _, dtype = torchgram.gramian(fn, w, x, batch_dim=0, has_aux=True, check_samples=False)
+        assert dtype == fn(w, x)[1] == torch.bfloat16
+        assert dtypes == [torch.bfloat16] * 3  # probe, run, fn alone
+    w, x = {k: v.double() for k, v in w.items()}, x.double()
+    G, dtype = torchgram.gramian(fn, w, x, batch_dim=0, has_aux=True)
+    assert dtype == torch.float64
+    _assert_oracle(G, lambda w, x: fn(w, x)[0], w, x)

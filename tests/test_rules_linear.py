@@ -76,3 +76,28 @@ def test_ghost_and_materialised_forms_agree(rows, chunk) -> None:
     assert torch.allclose(ghost_gramian(A, D, chunk), expected)
     assert torch.allclose(materialised_gramian(A, D, chunk), expected)
     assert torch.allclose(Linear(None, A, D).gramian(chunk), expected)
+
+
+@pytest.mark.parametrize(("rows", "tokens"), [(2, 8), (5, 3), (3, 1), (2, 2)])
+@pytest.mark.parametrize("ones", [False, True])
+def test_one_sample_ghost_through_similarity(monkeypatch, rows, tokens, ones) -> None:
+    """With one sample (batch_dim=None) and several rows, ``<D_k, S D_l>`` replaces the
+    ``<D, D>`` products when it is cheaper; both give the materialised Gramian."""
+    import torchgram._factors as factors
+
+    torch.manual_seed(0)
+    A = torch.randn(1, tokens, 6, dtype=torch.float64)
+    D = torch.randn(rows, 1, tokens, 4, dtype=torch.float64)
+    widened = torch.cat([A, torch.ones(1, tokens, 1, dtype=A.dtype)], dim=-1) if ones else A
+    expected = dense_gramian(Linear(None, widened, D).materialise())
+    through = factors._through_similarity_cost(rows, tokens, 4) < factors._pairs_cost(
+        rows, 1, tokens, 4
+    )
+    assert through == (rows > 1 and tokens > 1)
+    if through:  # the pairwise products must not be built
+
+        def refuse(*args):
+            raise AssertionError("pairwise products built")
+
+        monkeypatch.setattr(factors, "_ghost_block", refuse)
+    assert torch.allclose(ghost_gramian(A, D, ones=ones), expected)

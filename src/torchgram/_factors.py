@@ -120,7 +120,22 @@ def ghost_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
     """Multiply-adds of :func:`ghost_gramian` for activations ``[B, T, d_in]``."""
     K, B, T, d_out = d_shape[:4]
     d_in = a_shape[-1]
-    return B * B * T * T * (d_in + K * K * d_out + K * K)
+    return B * B * T * T * d_in + cotangent_cost(K, B, T, d_out)
+
+
+def cotangent_cost(K: int, B: int, T: int, d: int) -> int:
+    """Multiply-adds of the cotangent side of :func:`ghost_from_similarity`, given the
+    similarities: ``<D, D>`` products weighted by them, or, for one sample, ``S @ D`` first."""
+    pairs = _pairs_cost(K, B, T, d)
+    return min(pairs, _through_similarity_cost(K, T, d)) if B == 1 else pairs
+
+
+def _pairs_cost(K: int, B: int, T: int, d: int) -> int:
+    return B * B * T * T * K * K * (d + 1)
+
+
+def _through_similarity_cost(K: int, T: int, d: int) -> int:
+    return K * T * T * d + K * K * T * d
 
 
 def materialised_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
@@ -181,11 +196,15 @@ def ghost_from_similarity(
     Returns:
         ``[K*B, K*B]``.
     """
-    K, B, T, _ = D.shape
+    K, B, T, d = D.shape
+    whole = slice(0, B)
+    if B == 1 and _through_similarity_cost(K, T, d) < _pairs_cost(K, B, T, d):
+        # one sample (batch_dim=None): G = <D_k, S D_l>, K times fewer products than <D, D>
+        SD = torch.matmul(similarity(whole, whole), D[:, 0])  # [K, T, d]
+        return D.reshape(K, -1) @ SD.reshape(K, -1).T
     per_pair = 2 * K * K * T * T * D.element_size()
     block = max(1, min(B, math.isqrt(max(chunk_bytes // per_pair, 1))))
     if block >= B:
-        whole = slice(0, B)
         return _ghost_block(similarity(whole, whole), D, D).reshape(K * B, K * B)
     starts = range(0, B, block)
     blocks: dict[tuple[int, int], Tensor] = {}

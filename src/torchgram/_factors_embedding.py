@@ -19,6 +19,7 @@ from torchgram._factors import (
     Dense,
     Factor,
     Linear,
+    cotangent_cost,
     dense_gramian,
     ghost_from_similarity,
 )
@@ -82,7 +83,7 @@ class Embedding:
         """``[K*B, K*B]``, in the cheaper of the ghost and compact forms."""
         K, B, T, d = self.D.shape
         distinct = min(B * T, self.rows)  # an upper bound on U, known without a sync
-        if B * B * T * T * (1 + K * K * d) < K * B * T * d + (K * B) ** 2 * distinct * d:
+        if B * B * T * T + cotangent_cost(K, B, T, d) < K * B * T * d + (K * B) ** 2 * distinct * d:
             tokens = self.tokens
 
             def similarity(i: slice, j: slice) -> Tensor:
