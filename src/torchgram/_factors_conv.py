@@ -143,13 +143,36 @@ class Conv:
         """Like :meth:`_blocks` (in another layout of each gradient), by batched products with
         the unfolded patches: faster than the kernel when the patches are small (G = 1)."""
         K, B, _, C_out = self.dy.shape[:4]
-        A = self._patches()[:, :, 0]  # [B, T, d_in]
+        P = self._channel_patches()  # [B, d_in, T]
         D = self.dy.movedim(3, 2).reshape(K, B, C_out, -1)  # [K, B, C_out, T]
-        per_channel = K * B * A.shape[-1] * A.element_size()
+        per_channel = K * B * P.shape[1] * P.element_size()
         step = max(1, chunk_bytes // per_channel)
         for start in range(0, C_out, step):
-            g = torch.einsum("kbct,btd->kbcd", D[:, :, start : start + step], A)
+            g = torch.matmul(P, D[:, :, start : start + step].transpose(-1, -2))  # [K, B, d, c]
             yield g.reshape(K * B, -1)
+
+    def _channel_patches(self) -> Tensor:
+        """``[B, C_in * prod(kernel), N * L]`` for G = 1: the patches with the tokens minor, copied
+        from one strided view of the padded input (about 20x faster than ``F.unfold`` on CPU, and
+        the layout the batched products read fastest)."""
+        B, N, C = self.x.shape[:3]
+        pad = [p for p in reversed(self.padding) for _ in range(2)]
+        x = F.pad(self.x.flatten(0, 1), pad).unflatten(0, (B, N))  # [B, N, C, *padded]
+        out = self.dy.shape[4:]
+        strides = x.stride()
+        spatial = strides[3:]
+        view = x.as_strided(
+            (B, C, *self.kernel, N, *out),
+            (
+                strides[0],
+                strides[2],
+                *(d * s for d, s in zip(self.dilation, spatial, strict=True)),
+                strides[1],
+                *(t * s for t, s in zip(self.stride, spatial, strict=True)),
+            ),
+            x.storage_offset(),
+        )
+        return view.reshape(B, C * math.prod(self.kernel), N * math.prod(out))
 
     def _ranges(self, chunk_bytes: int | None) -> Iterator[tuple[int, int, int, int]]:
         """``(start, stop, first, count)``: consecutive blocks of output channels ``start:stop``
