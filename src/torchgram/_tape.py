@@ -243,9 +243,9 @@ class Tape(TorchFunctionMode):
     def _call(self, func: Callable[..., Any], name: str, args: Any, kwargs: dict) -> Any:
         """``func(*args, **kwargs)``, except a linear map with a bias under ``vmap`` (one sample
         per call): the product, then the bias added in the product's dtype. vmap's own batching
-        rule runs the same two ops, but with overhead (about a tenth of a small MLP's forward),
-        and under autocast it adds the bias in float32, promoting the output, which fn alone
-        computes in the autocast dtype."""
+        rule runs the same two ops, but under autocast adds the bias in float32, which promotes
+        the output to float32 where fn alone computes in the autocast dtype. (No speed difference
+        end to end, in A/B runs that alternate the order.)"""
         if self.guard.per_sample and name == "linear" and len(args) == 3 and not kwargs:
             x, weight, bias = args
             autocast = torch.is_autocast_enabled(x.device.type)
