@@ -288,15 +288,24 @@ def _torchjd_missing() -> str | None:
 
 
 def _time(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each run per repeat; repeats interleave the methods so that load drifts hit
-    all of them alike."""
+    """Seconds of each run per repeat, each in its steady state, as in a training loop.
+
+    Repeats interleave the methods, so that load drifts hit all of them alike, and rotate their
+    order (repeat r starts with method r mod M). Within a repeat each method is called twice in a
+    row and the second call is timed: a call's time depends on what ran just before it (caches,
+    the allocator's free memory), which moved the small models' ratios by up to a fifth when
+    each method ran once after another.
+    """
     for run in runs.values():
         run()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
+    names = list(runs)
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name]()  # after itself, as in training
             start = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
