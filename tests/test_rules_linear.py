@@ -111,3 +111,15 @@ def test_dense_gramian_by_column_slices(rows, columns) -> None:
     g = torch.randn(*rows, columns, dtype=torch.float64)
     flat = g.reshape(-1, columns)
     assert torch.allclose(dense_gramian(g), flat @ flat.T)
+
+
+def test_dense_gramian_by_column_slices_under_vmap_and_grad() -> None:
+    """The sliced product composes: batched over an ensemble, and differentiated."""
+    torch.manual_seed(0)
+    g = torch.randn(3, 1, 4, 5 * 2**13 + 3, dtype=torch.float64)
+    batched = torch.func.vmap(dense_gramian)(g)
+    assert torch.allclose(batched, torch.stack([dense_gramian(m) for m in g]))
+    ours = torch.func.grad(lambda g: dense_gramian(g).pow(2).sum())(g[0])
+    flat = g[0].reshape(4, -1)
+    expected = torch.func.grad(lambda f: (f @ f.T).pow(2).sum())(flat)
+    assert torch.allclose(ours.reshape(4, -1), expected)
