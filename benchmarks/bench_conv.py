@@ -18,11 +18,10 @@ thresholds in ``torchgram._factors_conv`` come from.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import median_time
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES
 from torchgram._factors_conv import Conv
@@ -42,16 +41,6 @@ LAYERS = [
 CHOICES = ("patches", "grouped", "rows", "ghost", "pixels")
 
 
-def _median(run: Callable[[], object], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _materialised(factor: Conv, kernel: str) -> Callable[[], Tensor]:
     blocks = {"patches": factor._patch_blocks, "grouped": factor._grouped_blocks}
     generate = blocks.get(kernel, factor._blocks)
@@ -67,7 +56,7 @@ def _row(name: str, B: int, c_in: int, c_out: int, size: int, stride: int, repea
     x = torch.randn(B, 1, c_in, size, size)
     dy = torch.randn(1, B, 1, c_out, size // stride, size // stride)
     factor = Conv(None, x, dy, (3, 3), (stride, stride), (1, 1), (1, 1), 1)
-    step = _median(lambda: factor._weight_grad(dy[0, :, 0], x[:, 0], 1), repeats)
+    step = median_time(lambda: factor._weight_grad(dy[0, :, 0], x[:, 0], 1), repeats)
     patch_bytes = B * (size // stride) ** 2 * 9 * c_in * x.element_size()
     runs: dict[str, Callable[[], object] | None] = {
         "patches": _materialised(factor, "patches") if patch_bytes <= DEFAULT_CHUNK_BYTES else None,
@@ -88,7 +77,7 @@ def _row(name: str, B: int, c_in: int, c_out: int, size: int, stride: int, repea
         if run is None:
             cells.append("-")
             continue
-        cell = f"{_median(run, repeats) / step:.2f}x"
+        cell = f"{median_time(run, repeats) / step:.2f}x"
         cells.append(cell + " *" if choice == chosen else cell)
     return f"| {name} | {step * 1e3:.1f} | " + " | ".join(cells) + " |"
 

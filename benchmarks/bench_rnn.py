@@ -9,12 +9,10 @@ forward and backward pass of the mean loss (the step). CPU, 2 threads.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from _timing import median_time
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -29,16 +27,6 @@ class _Tagger(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.rnn(x)[0]).squeeze(-1).pow(2).mean(-1)  # [B]
-
-
-def _median_time(run: Callable[[], Any], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -79,9 +67,9 @@ def _compare(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, fl
         return J @ J.T
 
     return (
-        _median_time(step, repeats),
-        _median_time(lambda: torchgram.gramian(fn, params, x, batch_dim=0), repeats),
-        _median_time(recipe, repeats),
+        median_time(step, repeats),
+        median_time(lambda: torchgram.gramian(fn, params, x, batch_dim=0), repeats),
+        median_time(recipe, repeats),
     )
 
 
