@@ -9,10 +9,11 @@ channels to ``C_out / G`` output channels, used at every output position (the to
   products with the unfolded patches (few input channels, patches within ``chunk_bytes``), from
   one grouped ``aten.convolution_backward`` (weight only) per output row with the samples as
   groups (up to 64 x 128 channels per group), or else from one such call per row (see
-  :meth:`Conv.kernel_for_gradients`); the kernels never unfold the input. The JD direction is
-  one call for the whole batch;
-- ghost: the sum over groups of linear-map ghost Gramians on unfolded patches (built from the
-  padded channels-last input), cheaper when few output positions meet large channel counts.
+  :meth:`Conv.kernel_for_gradients`); the two convolution kernels never unfold the input. The
+  JD direction is one call for the whole batch;
+- ghost: the sum over groups of linear-map ghost Gramians, cheaper when few output positions
+  meet large channel counts, with the token similarities from unfolded patches or, for stride
+  1, from pixel similarities (see :meth:`Conv.form`).
 """
 
 from __future__ import annotations
@@ -156,8 +157,7 @@ class Conv:
         from one strided view of the padded input (over 15x faster than ``F.unfold`` on CPU, and
         the layout the batched products read fastest)."""
         B, N, C = self.x.shape[:3]
-        pad = [p for p in reversed(self.padding) for _ in range(2)]
-        x = F.pad(self.x.flatten(0, 1), pad).unflatten(0, (B, N))  # [B, N, C, *padded]
+        x = self._padded()  # [B, N, C, *padded]
         out = self.dy.shape[4:]
         strides = x.stride()
         spatial = strides[3:]
@@ -296,11 +296,16 @@ class Conv:
 
         return similarity
 
+    def _padded(self) -> Tensor:
+        """The input with its zero padding: ``[B, N, C_in, *padded]``."""
+        B, N = self.x.shape[:2]
+        pad = [p for p in reversed(self.padding) for _ in range(2)]
+        return F.pad(self.x.flatten(0, 1), pad).unflatten(0, (B, N))
+
     def _patches(self) -> Tensor:
         """``[B, N * L, G, prod(kernel) * C_in / G]`` (kernel offsets major, channels minor)."""
-        B, N, C = self.x.shape[:3]
-        pad = [p for p in reversed(self.padding) for _ in range(2)]
-        x = F.pad(self.x.flatten(0, 1), pad).unflatten(0, (B, N)).movedim(2, -1)
+        B, C = self.x.shape[0], self.x.shape[2]
+        x = self._padded().movedim(2, -1)
         sizes = list(zip(self.dilation, self.stride, self.dy.shape[4:], strict=True))
         pieces = []
         for offset in itertools.product(*(range(k) for k in self.kernel)):

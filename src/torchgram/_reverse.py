@@ -147,10 +147,17 @@ def _needs_grad_beyond(roots: list[Tensor], taps: tuple[Tensor, ...]) -> bool:
     return False
 
 
-def _inside_func_transform() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, vjp, jvp, ...) is active."""
+def active_transforms() -> list[str] | None:
+    """The keys of the active ``torch.func`` transforms, innermost last (None: cannot tell)."""
     try:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     except ImportError:  # pragma: no cover - older torch
-        return True  # cannot tell: the transform-safe way
-    return bool(retrieve_all_functorch_interpreters())
+        return None
+    return [str(interpreter.key()) for interpreter in retrieve_all_functorch_interpreters()]
+
+
+def _inside_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, vjp, jvp, ...) is active (when it cannot
+    tell: yes, the transform-safe way)."""
+    transforms = active_transforms()
+    return transforms is None or bool(transforms)

@@ -37,7 +37,7 @@ from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
 from torchgram._memo import Probed, Probes, signature
 from torchgram._probe import check_taps, probe, refuse_mutation, split_output
 from torchgram._pytree import Inputs
-from torchgram._reverse import linearise_taps, pull_back
+from torchgram._reverse import active_transforms, linearise_taps, pull_back
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
 from torchgram._tape import Tape, TapeMismatch, Use
@@ -301,11 +301,7 @@ def _batchable_attention() -> contextlib.AbstractContextManager[Any]:
 
 
 def _under_vmap() -> bool:
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return any("Vmap" in str(i.key()) for i in retrieve_all_functorch_interpreters())
+    return any("Vmap" in key for key in active_transforms() or [])
 
 
 def _check_samples(
