@@ -15,6 +15,8 @@ Methods:
   warm-up) also runs fn once to learn shapes and checks two samples; later calls skip both.
 - ``torchjd``: TorchJD 0.18's ``autogram.Engine(model, batch_dim=...)``: forward, then
   ``engine.compute_gramian(losses)``. Skipped with a note if ``torchjd`` is not importable.
+- ``torchgram-vmap`` (only when asked for with ``--methods``): torchgram with fn always run
+  under ``vmap`` over the samples, i.e. without its batched run (an ablation).
 - ``per-sample``: ``vmap(grad)`` (``jacrev`` for several losses per sample) of the losses, the
   Jacobian ``J`` flattened to ``[m, P]``, then ``J @ J.T``.
 
@@ -276,7 +278,31 @@ def _per_sample(setting: Setting) -> Callable[[], Any]:
     return run
 
 
-MAKERS = {"step": _step, "torchgram": _torchgram, "torchjd": _torchjd, "per-sample": _per_sample}
+def _torchgram_vmapped(setting: Setting) -> Callable[[], Any]:
+    """torchgram with its batched run switched off: fn always runs under vmap over the samples
+    (an ablation, to see what the batched run gains; it reaches into torchgram's internals)."""
+    import torchgram._run
+
+    run = _torchgram(setting)
+    may_batch = torchgram._run._may_batch
+
+    def vmapped() -> Any:
+        torchgram._run._may_batch = lambda *args: False  # type: ignore[assignment]
+        try:
+            return run()
+        finally:
+            torchgram._run._may_batch = may_batch
+
+    return vmapped
+
+
+MAKERS = {
+    "step": _step,
+    "torchgram": _torchgram,
+    "torchjd": _torchjd,
+    "per-sample": _per_sample,
+    "torchgram-vmap": _torchgram_vmapped,
+}
 
 
 def _torchjd_missing() -> str | None:
@@ -287,27 +313,36 @@ def _torchjd_missing() -> str | None:
     return None
 
 
-def _time(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+def _time(
+    runs: dict[str, Callable[[], Any]], repeats: int, budget: float = 0.1
+) -> dict[str, list[float]]:
     """Seconds of each run per repeat, each in its steady state, as in a training loop.
 
     Repeats interleave the methods, so that load drifts hit all of them alike, and rotate their
-    order (repeat r starts with method r mod M). Within a repeat each method is called twice in a
-    row and the second call is timed: a call's time depends on what ran just before it (caches,
-    the allocator's free memory). Run once each in a fixed order, the step ran after the
-    per-sample recipe and took 40 ms for the CNN and 2.7 ms for ``iwmtl``, against 27 and 1.8 ms
-    after itself.
+    order (repeat r starts with method r mod M). Within a repeat each method is called once
+    untimed, then timed over as many calls in a row as fit in ``budget`` seconds (at least one),
+    and the repeat keeps their median: a call's time depends on what ran just before it (caches,
+    the allocator's free memory), and one call of a millisecond is at the mercy of the machine.
+    Run once each in a fixed order, the step ran after the per-sample recipe and took 40 ms for
+    the CNN and 2.7 ms for ``iwmtl``, against 27 and 1.8 ms after itself.
     """
-    for run in runs.values():
+    calls = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
         run()  # warm-up
+        calls[name] = max(1, min(50, int(budget / (time.perf_counter() - start))))
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
             runs[name]()  # after itself, as in training
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
+            timed = []
+            for _ in range(calls[name]):
+                start = time.perf_counter()
+                runs[name]()
+                timed.append(time.perf_counter() - start)
+            times[name].append(statistics.median(timed))
     return times
 
 
@@ -388,7 +423,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one timed repeat, no memory")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), action="append")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(MAKERS),
+        default=list(METHODS),
+        help="methods to compare (torchgram-vmap: torchgram without its batched run)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--measure-memory", nargs=2, metavar=("METHOD", "ARCH"))

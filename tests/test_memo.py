@@ -207,6 +207,10 @@ def test_fn_that_changes_its_uses_between_probe_and_run_is_refused(
         return _uses("more" if calls[0] % 2 else "one", w, x)
 
     with pytest.raises(RuntimeError, match="fn used its parameters differently in two runs"):
+        # without the sample check, the run after the probe is the vmapped one
+        torchgram.gramian(fn, _params(), _data()[0], batch_dim=batch_dim, check_samples=False)
+    # with it, a batched run that does not fit is made again under vmap, and the check refuses
+    with pytest.raises((RuntimeError, ValueError), match="differently|independently"):
         torchgram.gramian(fn, _params(), _data()[0], batch_dim=batch_dim)
 
 

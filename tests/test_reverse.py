@@ -9,7 +9,7 @@ from oracle import flat_gramian
 from torch.func import grad, vmap
 
 import torchgram
-from torchgram import _reverse
+from torchgram import _reverse, _run
 
 D = torch.float64
 W = {"w": torch.randn(4, 3, dtype=D), "v": torch.randn(3, 2, dtype=D)}
@@ -22,16 +22,21 @@ def losses(params, x):
 
 @pytest.fixture
 def paths(monkeypatch) -> list[str]:
-    """Which way each run went: "autograd" or "vjp"."""
+    """Which way each run went: "autograd", "vjp" or "batched" (plain autograd on the whole batch,
+    without vmap)."""
     taken: list[str] = []
-    for name in ("_by_autograd", "_by_vjp"):
-        original = getattr(_reverse, name)
+    for module, name, path in [
+        (_reverse, "_by_autograd", "autograd"),
+        (_reverse, "_by_vjp", "vjp"),
+        (_run, "linearise_made_taps", "batched"),
+    ]:
+        original = getattr(module, name)
 
-        def spy(*args, original=original, name=name):
-            taken.append(name[4:])
+        def spy(*args, original=original, path=path):
+            taken.append(path)
             return original(*args)
 
-        monkeypatch.setattr(_reverse, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return taken
 
 
@@ -39,7 +44,7 @@ def paths(monkeypatch) -> list[str]:
 def test_plain_autograd_outside_transforms(paths, batch_dim) -> None:
     G = torchgram.gramian(losses, W, X, batch_dim=batch_dim)
     assert torch.allclose(torchgram.flatten(G), flat_gramian(losses, W, X), rtol=1e-10)
-    assert paths == ["autograd"]
+    assert paths == ["autograd" if batch_dim is None else "batched"]
 
 
 def test_vjp_inside_a_transform(paths) -> None:

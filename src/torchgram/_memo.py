@@ -16,7 +16,7 @@ does (the one exception to "no state between calls", for a training loop's sake)
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,11 +35,18 @@ class Probed:
         tap_shapes: Shape, dtype and device of every tapped output, in order.
         shape: fn's output shape (given one sample with ``batch_dim``).
         samples_checked: Whether the sample check ran and passed.
+        record_shapes: Shape of every recorded input of a use, in order.
+        on_params: Whether some use took its taps on its parameter arguments.
+        batched: Whether the batched run (fn on the whole batch, without ``vmap``) gave the
+            result on this signature: None before it was tried.
     """
 
     tap_shapes: TapShapes
     shape: torch.Size
     samples_checked: bool = False
+    record_shapes: list[torch.Size] = field(default_factory=list)
+    on_params: bool = False
+    batched: bool | None = None
 
 
 class Probes:

@@ -84,7 +84,9 @@ def probe(
 
     with refuse_mutation(caller):
         vjp(run, torch.zeros(()))
-    return Probed(tape.tap_shapes, shapes[0])
+    records = [record.shape for record in tape.records]
+    on_params = any(use.on_params for use in tape.uses)
+    return Probed(tape.tap_shapes, shapes[0], record_shapes=records, on_params=on_params)
 
 
 def check_taps(tape: Tape, probed: Probed, caller: str) -> None:

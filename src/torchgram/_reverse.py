@@ -60,7 +60,7 @@ def linearise_taps(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     if not taps:
         out, aux = run(taps, False)
         return Reverse(out, aux, False, lambda rows, batched: ())
-    if not (_inside_func_transform() or torch.is_inference_mode_enabled()):
+    if not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
             return _by_autograd(run, taps)
         except NeedsTransform:  # fn may write into a tensor it did not create: let vjp tell
@@ -91,11 +91,28 @@ def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     return Reverse(out, aux, differentiable, pull)
 
 
+def linearise_made_taps(run: Callable[[], tuple[Tensor, Any, list[Tensor]]]) -> Reverse:
+    """Plain autograd with respect to taps that ``run() -> (out, aux, taps)`` makes as it goes
+    (leaves that require grad). Only outside ``torch.func`` transforms; a write into a tensor fn
+    did not create raises :class:`NeedsTransform` (the caller makes the run another way)."""
+    grad_enabled = torch.is_grad_enabled()
+    with torch.enable_grad():
+        out, aux, leaves = run()
+    return _autograd_reverse(out, aux, tuple(leaves), grad_enabled)
+
+
 def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     grad_enabled = torch.is_grad_enabled()
     leaves = tuple(tap.detach().requires_grad_() for tap in taps)
     with torch.enable_grad():
         out, aux = run(leaves, True)
+    return _autograd_reverse(out, aux, leaves, grad_enabled)
+
+
+def _autograd_reverse(
+    out: Tensor, aux: Any, leaves: tuple[Tensor, ...], grad_enabled: bool
+) -> Reverse:
+    """The reverse pass of a plain autograd run of fn with respect to the tap leaves."""
     differentiable = grad_enabled and _needs_grad_beyond([out], leaves)
 
     def pull(rows: Tensor, batched: bool) -> tuple[Tensor, ...]:
@@ -156,7 +173,7 @@ def active_transforms() -> list[str] | None:
     return [str(interpreter.key()) for interpreter in retrieve_all_functorch_interpreters()]
 
 
-def _inside_func_transform() -> bool:
+def inside_func_transform() -> bool:
     """Whether a ``torch.func`` transform (vmap, grad, vjp, jvp, ...) is active (when it cannot
     tell: yes, the transform-safe way)."""
     transforms = active_transforms()

@@ -8,7 +8,9 @@ Two runs of ``fn`` (see :mod:`torchgram._probe` for the first):
    or ``torch.func.vjp`` inside a transform: see :mod:`torchgram._reverse`; with ``batch_dim``,
    under ``torch.func.vmap`` over the samples, each call seeing a batch of one). Its first two
    samples are then compared with fn run on them as one batch, which catches ops that mix
-   samples.
+   samples. Outside transforms, where every tap holds the samples on one dimension, the run is
+   fn on the whole batch instead, without vmap's cost on every op (see
+   :mod:`torchgram._batched`); there the check compares the other way round.
 
 One reverse pass then pulls back one one-hot cotangent per non-batch output element (batched),
 which gives the cotangents ``[K, B, ...]`` of every tap: of a use's output, or, for a use tapped
@@ -33,11 +35,18 @@ import torch
 from torch.func import vmap
 
 from torchgram._assemble import gramian_of_factors, weighted_gradients
+from torchgram._batched import SHARED, as_stacked, sample_dim
 from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
 from torchgram._memo import Probed, Probes, signature
 from torchgram._probe import check_taps, probe, refuse_mutation, split_output
 from torchgram._pytree import Inputs
-from torchgram._reverse import active_transforms, linearise_taps, pull_back
+from torchgram._reverse import (
+    active_transforms,
+    inside_func_transform,
+    linearise_made_taps,
+    linearise_taps,
+    pull_back,
+)
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
 from torchgram._tape import Tape, TapeMismatch, Use
@@ -309,6 +318,31 @@ def _check_samples(
 ) -> None:
     """Compare fn run sample by sample with fn run on the same samples as one batch."""
     batched, _ = split_output(inputs.call(fn, data), options.has_aux, options.caller)
+    _compare(batched, per_sample, options)
+
+
+def _each_sample(
+    fn: Callable[..., Any], inputs: Inputs, n: int, b: int, options: Options
+) -> Tensor:
+    """fn's output on each of the first ``n`` samples alone (under vmap, a batch of one each,
+    and a shape-only tape, which writes recurrent layers in ops vmap has rules for), with the
+    samples at ``b``."""
+    dims = list(inputs.dims)
+    tape = Tape(inputs.params, None, options.caller, per_sample=True, vmapped=True)
+    one = [
+        x if d is None else x.unsqueeze(d + 1) for x, d in zip(inputs.first(n), dims, strict=True)
+    ]
+
+    def single(data: list[Any]) -> Tensor:
+        tape.start(None)
+        with tape:
+            return split_output(inputs.call(fn, data), options.has_aux, options.caller)[0]
+
+    return _merge(vmap(single, (dims,), randomness="different")(one), b)
+
+
+def _compare(batched: Tensor, per_sample: Tensor, options: Options) -> None:
+    """Raise if fn's output on two samples as one batch differs from its outputs on each."""
     if batched.shape == per_sample.shape:
         scale = batched.abs().max().clamp(min=1)
         tolerance = torch.finfo(batched.dtype).eps ** 0.5
@@ -332,9 +366,14 @@ def _linearise_per_sample(
     fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
 ) -> Linearised:
     batch = _batch_size(inputs, options)
+    if _may_batch(options, probed, batch):
+        result = _linearise_batched(fn, inputs, options, probed, batch)
+        probed.batched = result is not None
+        if result is not None:
+            return result
     b = _check_output(probed.shape, options)
     taps = _zero_taps(probed.tap_shapes, batch)
-    tape = Tape(inputs.params, taps, options.caller, per_sample=True)
+    tape = Tape(inputs.params, taps, options.caller, per_sample=True, vmapped=True)
     run = _vmapped(fn, inputs, options, tape)
 
     box = _Aux()
@@ -358,3 +397,76 @@ def _linearise_per_sample(
     return Linearised(
         out, aux, tape.uses, list(records), cotangents, inputs.params, b, options.chunk_bytes
     )
+
+
+def _may_batch(options: Options, probed: Probed, batch: int) -> bool:
+    """Whether to try the batched run (see :mod:`torchgram._batched`): plain autograd must be
+    possible, every tap must go on an output (a tap on a parameter argument would give the sum
+    over samples, not each sample's gradient), and aux must not be stacked from per-sample calls.
+    The sample check must run or have passed: without it the batched and the per-sample function
+    may differ."""
+    return (
+        probed.batched is not False
+        and batch >= 2
+        and not probed.on_params
+        and not options.has_aux
+        and (options.check_samples or probed.samples_checked)
+        and not inside_func_transform()
+        and not torch.is_inference_mode_enabled()
+    )
+
+
+def _linearise_batched(
+    fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed, batch: int
+) -> Linearised | None:
+    """fn on the whole batch without vmap; None where that cannot stand in for the vmapped run
+    (then it is made under vmap, which gives the result or the error)."""
+    b = _check_output(probed.shape, options)
+    tape = Tape(inputs.params, None, options.caller, per_sample=True)
+    several = probed.shape.numel() > 1  # then the pull-back is batched over them
+
+    def run() -> tuple[Tensor, Any, list[Tensor]]:
+        tape.start(None, watch=True, make_taps=True)
+        with _batchable_attention() if several else contextlib.nullcontext(), tape:
+            out, _ = split_output(inputs.call(fn, inputs.data), False, options.caller)
+        assert tape.made is not None
+        return out, tuple(tape.records), tape.made
+
+    try:
+        reverse = linearise_made_taps(run)
+    except Exception:  # the vmapped run raises what is wrong, if anything is
+        return None
+    out, records, made = reverse.out, reverse.aux, tape.made
+    assert made is not None
+    tap_dims = _sample_dims([t.shape for t in made], [s for s, _, _ in probed.tap_shapes], batch)
+    record_dims = _sample_dims([r.shape for r in records], probed.record_shapes, batch)
+    if tuple(out.shape) != (*probed.shape[:b], batch, *probed.shape[b + 1 :]):
+        return None
+    if tap_dims is None or SHARED in tap_dims or record_dims is None:
+        return None  # a tap without samples would need one tap per sample: vmap's
+    if tape.random and not probed.samples_checked:
+        return None  # a random fn cannot be checked: only the vmapped run is sure to separate
+    if options.check_samples and not probed.samples_checked and not tape.random:
+        with torch.no_grad():
+            _compare(out.narrow(b, 0, 2), _each_sample(fn, inputs, 2, b, options), options)
+        probed.samples_checked = True
+    per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
+    cotangents = pull_back(reverse, per_sample) if made else []
+    return Linearised(
+        out,
+        None,
+        tape.uses,
+        [as_stacked(r, d, 0, batch) for r, d in zip(records, record_dims, strict=True)],
+        [as_stacked(c, d, 1, batch) for c, d in zip(cotangents, tap_dims, strict=True)],
+        inputs.params,
+        b,
+        options.chunk_bytes,
+    )
+
+
+def _sample_dims(shapes: list[torch.Size], ones: list[torch.Size], batch: int) -> list[int] | None:
+    """:func:`sample_dim` of every tensor, or None if the counts or any shape do not fit."""
+    if len(shapes) != len(ones):
+        return None
+    dims = [sample_dim(shape, one, batch) for shape, one in zip(shapes, ones, strict=True)]
+    return None if None in dims else dims  # type: ignore[return-value]

@@ -178,26 +178,37 @@ class Tape(TorchFunctionMode):
         params: The flattened parameter leaves.
         taps: None for a first run (shapes only), else one zero tensor per tapped output, in order.
         caller: How to name the public call in error messages.
-        per_sample: Whether ``fn`` runs on one sample (``batch_dim`` set): ops that mix samples are
-            refused then.
+        per_sample: Whether ``batch_dim`` is set: ops that mix samples are refused then.
+        vmapped: Whether ``fn`` runs under ``vmap`` over the samples (see :meth:`_call`).
     """
 
     def __init__(
-        self, params: Sequence[Tensor], taps: Sequence[Tensor] | None, caller: str, per_sample: bool
+        self,
+        params: Sequence[Tensor],
+        taps: Sequence[Tensor] | None,
+        caller: str,
+        per_sample: bool,
+        vmapped: bool = False,
     ) -> None:
         super().__init__()
         self.caller = caller
         self.guard = Guard(caller, per_sample)
+        self.vmapped = vmapped
         self._params = tuple(params)
         self.start(taps)
 
-    def start(self, taps: Sequence[Tensor] | None, watch: bool = False) -> None:
+    def start(
+        self, taps: Sequence[Tensor] | None, watch: bool = False, make_taps: bool = False
+    ) -> None:
         """Begin a run with these taps (None: shapes only), forgetting any earlier one.
 
         ``watch``: the run is plain autograd, so writes into tensors fn did not create are
-        handed back (see :mod:`torchgram._guards`).
+        handed back (see :mod:`torchgram._guards`). ``make_taps``: the run makes each tap itself
+        when it meets the output, as a leaf that requires grad, shaped like that output (the
+        batched run, whose shapes the probe does not give); they are in :attr:`made`.
         """
         self.taps = taps
+        self.made: list[Tensor] | None = [] if make_taps else None
         self.uses: list[Use] = []
         self.records: list[Tensor] = []
         self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
@@ -246,7 +257,7 @@ class Tape(TorchFunctionMode):
         rule runs the same two ops, but under autocast adds the bias in float32, which promotes
         the output to float32 where fn alone computes in the autocast dtype. (No speed difference
         end to end, in A/B runs that alternate the order.)"""
-        if self.guard.per_sample and name == "linear" and len(args) == 3 and not kwargs:
+        if self.vmapped and name == "linear" and len(args) == 3 and not kwargs:
             x, weight, bias = args
             autocast = torch.is_autocast_enabled(x.device.type)
             if isinstance(bias, Tensor) and (autocast or x.dtype == weight.dtype == bias.dtype):
@@ -340,6 +351,10 @@ class Tape(TorchFunctionMode):
     def _tap(self, value: Tensor) -> Tensor:
         position = len(self.tap_shapes)
         self.tap_shapes.append((value.shape, value.dtype, value.device))
+        if self.made is not None:
+            made = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
+            self.made.append(made.requires_grad_())
+            return value + made
         if self.taps is None:
             return value
         if position >= len(self.taps) or self.taps[position].shape != value.shape:

@@ -1,0 +1,161 @@
+"""The batched run (fn on the whole batch, without vmap): taken where every tap holds the samples
+on one dimension, exact there, and made again under vmap everywhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import flat_gramian
+
+import torchgram
+from torchgram import _run
+from torchgram._batched import SHARED, as_stacked, sample_dim
+
+D = torch.float64
+B, T, DIN, DOUT = 4, 3, 5, 6
+
+
+@pytest.fixture
+def runs(monkeypatch) -> list[str]:
+    """Which run gave each result: "batched", or "vmap" (after a batched run that did not fit,
+    or none)."""
+    taken: list[str] = []
+    batched, vmapped = _run._linearise_batched, _run._vmapped
+
+    def spy_batched(*args):
+        result = batched(*args)
+        if result is not None:
+            taken.append("batched")
+        return result
+
+    def spy_vmapped(*args):
+        taken.append("vmap")
+        return vmapped(*args)
+
+    monkeypatch.setattr(_run, "_linearise_batched", spy_batched)
+    monkeypatch.setattr(_run, "_vmapped", spy_vmapped)
+    return taken
+
+
+def _params() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "w": torch.randn(DOUT, DIN, dtype=D),
+        "b": torch.randn(DOUT, dtype=D),
+        "v": torch.randn(2, DOUT, dtype=D),
+    }
+
+
+def _exact(fn, params, *args, **kwargs) -> None:
+    G = torchgram.gramian(fn, params, *args, batch_dim=0, **kwargs)
+    expected = flat_gramian(fn, params, *args)
+    assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10, atol=1e-12)
+
+
+def _mlp(p, x):  # [B, 2]
+    return torch.tanh(F.linear(x, p["w"], p["b"])) @ p["v"].T
+
+
+def _sequence_first(p, x):  # x [T, B, d_in] -> [B, 2]
+    return (torch.tanh(F.linear(x, p["w"], p["b"])) @ p["v"].T).sum(0)
+
+
+def _shared_operand(p, x):  # addcmul reads a constant that no sample owns
+    c = torch.linspace(-1, 1, DOUT, dtype=D)
+    h = torch.addcmul(F.linear(x, p["w"]), c, p["b"])
+    return torch.tanh(h) @ p["v"][0]
+
+
+def test_batched_run_where_taps_hold_the_samples(runs) -> None:
+    p = _params()
+    x = torch.randn(B, DIN, dtype=D)
+    _exact(_mlp, p, x)
+    _exact(_shared_operand, p, x)
+    assert runs == ["batched", "batched"]
+
+
+def test_samples_on_another_dimension(runs) -> None:
+    p, x = _params(), torch.randn(T, B, DIN, dtype=D)
+    G = torchgram.gramian(_sequence_first, p, x, batch_dim=0, in_dims=1)
+    expected = flat_gramian(_sequence_first, p, x)
+    assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10)
+    assert runs == ["batched"]
+
+
+def _parameter_only(p, x):  # a use of the parameters that no sample owns: one tap per sample
+    return torch.tanh(x @ (p["w"].T @ p["w"])) @ p["w"].T @ p["v"][0]
+
+
+def _merged(p, x):  # x [B, T, d_in]: samples and tokens merged before the linear map
+    h = F.linear(x.reshape(-1, DIN), p["w"], p["b"]).reshape(x.shape[0], T, DOUT)
+    return torch.tanh(h).sum(1) @ p["v"][0]
+
+
+def _normed(p, x):  # taps on the norm's weight: per sample only under vmap
+    return F.layer_norm(F.linear(x, p["w"]), (DOUT,), p["b"]) @ p["v"][0]
+
+
+def _per_sample_loop(p, x):  # one use per sample: a different tape on the batch
+    return torch.stack([torch.tanh(xi @ p["w"].T) @ p["v"][0] for xi in x.unbind(0)])
+
+
+@pytest.mark.parametrize("fn", [_parameter_only, _merged, _normed, _per_sample_loop])
+def test_vmap_where_the_batched_run_does_not_fit(runs, fn) -> None:
+    p = _params()
+    x = torch.randn(B, T, DIN, dtype=D) if fn is _merged else torch.randn(B, DIN, dtype=D)
+    _exact(fn, p, x)
+    assert runs == ["vmap"]
+
+
+def test_vmap_for_aux_randomness_and_unchecked_samples(runs) -> None:
+    p, x = _params(), torch.randn(B, DIN, dtype=D)
+    with_aux = lambda p, x: (_mlp(p, x), _mlp(p, x).sum())
+    torchgram.gramian(with_aux, p, x, batch_dim=0, has_aux=True)
+    torchgram.gramian(_mlp, p, x, batch_dim=0, check_samples=False)
+    torch.manual_seed(1)
+    dropped = lambda p, x: _mlp(p, F.dropout(x, 0.5, training=True))
+    torchgram.gramian(dropped, p, x, batch_dim=0)
+    assert runs == ["vmap"] * 3
+
+
+def test_a_batched_run_that_did_not_fit_is_not_tried_again() -> None:
+    calls = [0]
+
+    def fn(p, x):
+        calls[0] += 1
+        return _parameter_only(p, x)
+
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    p, x = _params(), torch.randn(B, DIN, dtype=D)
+    transform(p, x)
+    first = calls[0]  # probe, batched run, vmapped run, sample check
+    transform(p, x)
+    assert (first, calls[0] - first) == (4, 1)
+
+
+def test_the_sample_check_refuses_mixing_in_the_batched_run(runs) -> None:
+    def mixes(p, x):
+        out = _mlp(p, x)
+        return out - out.mean(0, keepdim=True)
+
+    with pytest.raises(ValueError, match="does not treat samples independently"):
+        torchgram.gramian(mixes, _params(), torch.randn(B, DIN, dtype=D), batch_dim=0)
+    assert runs == []  # refused in the batched run itself
+
+
+def test_sample_dim_and_stacking() -> None:
+    assert sample_dim(torch.Size([4, 3]), torch.Size([1, 3]), 4) == 0
+    assert sample_dim(torch.Size([3, 4]), torch.Size([3, 1]), 4) == 1
+    assert sample_dim(torch.Size([3, 5]), torch.Size([3, 5]), 4) == SHARED
+    assert sample_dim(torch.Size([12, 5]), torch.Size([3, 5]), 4) is None  # merged
+    assert sample_dim(torch.Size([4, 4]), torch.Size([1, 1]), 4) is None
+    assert sample_dim(torch.Size([4]), torch.Size([1, 1]), 4) is None
+    x = torch.randn(3, 4, 5)  # samples at dim 1
+    stacked = as_stacked(x, 1, 0, 4)
+    assert stacked.shape == (4, 3, 1, 5)
+    assert torch.equal(stacked[2, :, 0], x[:, 2])
+    c = torch.randn(2, 3, 4)  # [K, *shape], samples at dim 1 of the shape
+    assert torch.equal(as_stacked(c, 1, 1, 4)[:, 3, :, 0], c[:, :, 3])
+    shared = as_stacked(torch.randn(3, 5), SHARED, 0, 4)
+    assert shared.shape == (4, 3, 5) and torch.equal(shared[0], shared[3])
