@@ -338,7 +338,8 @@ def _each_sample(
         with tape:
             return split_output(inputs.call(fn, data), options.has_aux, options.caller)[0]
 
-    return _merge(vmap(single, (dims,), randomness="different")(one), b)
+    with _batchable_attention():
+        return _merge(vmap(single, (dims,), randomness="different")(one), b)
 
 
 def _compare(batched: Tensor, per_sample: Tensor, options: Options) -> None:
