@@ -48,9 +48,13 @@ def _params() -> dict[str, torch.Tensor]:
 
 
 def _exact(fn, params, *args, **kwargs) -> None:
-    G = torchgram.gramian(fn, params, *args, batch_dim=0, **kwargs)
+    """Two calls of one transform (the batched run is compared with the vmapped one on the
+    first, and used alone on the second if they agree), both exact."""
+    transform = torchgram.gramian_of(fn, batch_dim=0, **kwargs)
     expected = flat_gramian(fn, params, *args)
-    assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10, atol=1e-12)
+    for _ in range(2):
+        G = transform(params, *args)
+        assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10, atol=1e-12)
 
 
 def _mlp(p, x):  # [B, 2]
@@ -72,15 +76,13 @@ def test_batched_run_where_taps_hold_the_samples(runs) -> None:
     x = torch.randn(B, DIN, dtype=D)
     _exact(_mlp, p, x)
     _exact(_shared_operand, p, x)
-    assert runs == ["batched", "batched"]
+    assert runs == ["batched", "vmap", "batched"] * 2
 
 
 def test_samples_on_another_dimension(runs) -> None:
     p, x = _params(), torch.randn(T, B, DIN, dtype=D)
-    G = torchgram.gramian(_sequence_first, p, x, batch_dim=0, in_dims=1)
-    expected = flat_gramian(_sequence_first, p, x)
-    assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10)
-    assert runs == ["batched"]
+    _exact(_sequence_first, p, x, in_dims=1)
+    assert runs == ["batched", "vmap", "batched"]
 
 
 def _parameter_only(p, x):  # a use of the parameters that no sample owns: one tap per sample
@@ -105,18 +107,19 @@ def test_vmap_where_the_batched_run_does_not_fit(runs, fn) -> None:
     p = _params()
     x = torch.randn(B, T, DIN, dtype=D) if fn is _merged else torch.randn(B, DIN, dtype=D)
     _exact(fn, p, x)
-    assert runs == ["vmap"]
+    assert runs == ["vmap", "vmap"]
 
 
 def test_vmap_for_aux_randomness_and_unchecked_samples(runs) -> None:
     p, x = _params(), torch.randn(B, DIN, dtype=D)
     with_aux = lambda p, x: (_mlp(p, x), _mlp(p, x).sum())
-    torchgram.gramian(with_aux, p, x, batch_dim=0, has_aux=True)
-    torchgram.gramian(_mlp, p, x, batch_dim=0, check_samples=False)
+    torchgram.gramian_of(with_aux, batch_dim=0, has_aux=True)(p, x)
+    torchgram.gramian_of(_mlp, batch_dim=0, check_samples=False)(p, x)
     torch.manual_seed(1)
     dropped = lambda p, x: _mlp(p, F.dropout(x, 0.5, training=True))
-    torchgram.gramian(dropped, p, x, batch_dim=0)
-    assert runs == ["vmap"] * 3
+    torchgram.gramian_of(dropped, batch_dim=0)(p, x)
+    torchgram.gramian(_mlp, p, x, batch_dim=0)  # the eager form remembers nothing
+    assert runs == ["vmap"] * 4
 
 
 def test_a_batched_run_that_did_not_fit_is_not_tried_again() -> None:
@@ -139,9 +142,64 @@ def test_the_sample_check_refuses_mixing_in_the_batched_run(runs) -> None:
         out = _mlp(p, x)
         return out - out.mean(0, keepdim=True)
 
-    with pytest.raises(ValueError, match="does not treat samples independently"):
-        torchgram.gramian(mixes, _params(), torch.randn(B, DIN, dtype=D), batch_dim=0)
-    assert runs == []  # refused in the batched run itself
+    with pytest.raises(ValueError, match="does not treat samples independently: on the whole"):
+        torchgram.gramian_of(mixes, batch_dim=0)(_params(), torch.randn(B, DIN, dtype=D))
+    assert runs == ["batched", "vmap"]  # refused when the two are compared
+
+
+def _reordered(p, x):  # the samples reversed inside fn, and back: rows are not the samples
+    return torch.tanh(F.linear(x.flip(0), p["w"], p["b"])).flip(0) @ p["v"].T
+
+
+def _class_token(p, x):  # a parameter view whose shape depends on the batch size
+    h = F.linear(x, p["w"]).unsqueeze(1)
+    token = p["b"].view(1, 1, DOUT).expand(x.shape[0], -1, -1)
+    return torch.tanh(torch.cat([token, h], 1)).sum(1) @ p["v"][0]
+
+
+@pytest.mark.parametrize("fn", [_reordered, _class_token])
+def test_a_batched_run_whose_rows_are_not_the_samples_is_replaced(runs, fn) -> None:
+    """Its Gramian differs from the vmapped run's (or cannot be computed): the vmapped one is
+    returned, and the transform does not use the batched run on that signature again."""
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    p = _params()
+    for _ in range(2):
+        x = torch.randn(B, DIN, dtype=D)
+        G = transform(p, x)
+        assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, p, x), rtol=1e-10)
+    assert runs == ["batched", "vmap", "vmap"]
+
+
+def test_a_verified_batched_run_is_used_without_the_vmapped_one(runs) -> None:
+    calls = [0]
+
+    def fn(p, x):
+        calls[0] += 1
+        return _mlp(p, x)
+
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    p = _params()
+    for _ in range(2):
+        x = torch.randn(B, DIN, dtype=D)
+        G = transform(p, x)
+        assert torch.allclose(torchgram.flatten(G), flat_gramian(_mlp, p, x), rtol=1e-10)
+    assert runs == ["batched", "vmap", "batched"]
+    assert calls[0] == 4  # probe, batched, vmapped; then the batched run alone
+
+
+def test_randomness_keeps_the_vmapped_run_after_a_passed_check(runs) -> None:
+    noisy = [False]
+
+    def fn(p, x):
+        return _mlp(p, x + torch.randn(DIN, dtype=D) if noisy[0] else x)
+
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    p, x = _params(), torch.randn(B, DIN, dtype=D)
+    transform(p, x)  # checked and verified
+    runs.clear()
+    noisy[0] = True
+    transform(p, x)
+    assert runs == ["vmap"]  # each sample draws its own noise
 
 
 def test_sample_dim_and_stacking() -> None:

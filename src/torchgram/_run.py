@@ -10,7 +10,9 @@ Two runs of ``fn`` (see :mod:`torchgram._probe` for the first):
    samples are then compared with fn run on them as one batch, which catches ops that mix
    samples. Outside transforms, where every tap holds the samples on one dimension, the run is
    fn on the whole batch instead, without vmap's cost on every op (see
-   :mod:`torchgram._batched`); there the check compares the other way round.
+   :mod:`torchgram._batched`). The first such run on each signature is compared with the
+   vmapped run (their outputs: the sample check; their Gramians: the batched run's rows must be
+   the samples), and is used on that signature only if both agree.
 
 One reverse pass then pulls back one one-hot cotangent per non-batch output element (batched),
 which gives the cotangents ``[K, B, ...]`` of every tap: of a use's output, or, for a use tapped
@@ -143,6 +145,8 @@ def linearise(
             probes.keep(key, remembered)  # type: ignore[union-attr]
             return result
     probed = probe(fn, inputs, options.batch_dim is not None, options.has_aux, options.caller)
+    if key is None:  # nothing is remembered: the batched run's first-time comparison would not pay
+        probed.batched = False
     result = run(fn, inputs, options, probed)
     if probes is not None:
         probes.keep(key, probed)
@@ -321,40 +325,19 @@ def _check_samples(
     _compare(batched, per_sample, options)
 
 
-def _each_sample(
-    fn: Callable[..., Any], inputs: Inputs, n: int, b: int, options: Options
-) -> Tensor:
-    """fn's output on each of the first ``n`` samples alone (under vmap, a batch of one each,
-    and a shape-only tape, which writes recurrent layers in ops vmap has rules for), with the
-    samples at ``b``."""
-    dims = list(inputs.dims)
-    tape = Tape(inputs.params, None, options.caller, per_sample=True, vmapped=True)
-    one = [
-        x if d is None else x.unsqueeze(d + 1) for x, d in zip(inputs.first(n), dims, strict=True)
-    ]
-
-    def single(data: list[Any]) -> Tensor:
-        tape.start(None)
-        with tape:
-            return split_output(inputs.call(fn, data), options.has_aux, options.caller)[0]
-
-    with _batchable_attention():
-        return _merge(vmap(single, (dims,), randomness="different")(one), b)
-
-
-def _compare(batched: Tensor, per_sample: Tensor, options: Options) -> None:
-    """Raise if fn's output on two samples as one batch differs from its outputs on each."""
+def _compare(
+    batched: Tensor, per_sample: Tensor, options: Options, where: str = "on the first two samples"
+) -> None:
+    """Raise if fn's output on samples as one batch differs from its outputs on each."""
     if batched.shape == per_sample.shape:
-        scale = batched.abs().max().clamp(min=1)
-        tolerance = torch.finfo(batched.dtype).eps ** 0.5
-        difference = (batched - per_sample).abs().max()
-        if bool(difference <= tolerance * scale):
+        if _within_rounding(batched, per_sample, floor=1.0):
             return
+        difference = (batched - per_sample).abs().max()
         what = f"outputs differ by up to {float(difference):.3g}"
     else:
         what = f"shapes differ: {list(batched.shape)} on the batch, {list(per_sample.shape)}"
     raise ValueError(
-        f"{options.caller}: fn does not treat samples independently: on the first two samples, "
+        f"{options.caller}: fn does not treat samples independently: {where}, "
         f"fn run sample by sample and fn run on them as one batch disagree ({what}). batch_dim "
         "promises that sample i of the output depends only on sample i of the inputs; an op "
         "that mixes samples (batch statistics, a mean or softmax over the batch, ...) breaks it. "
@@ -363,15 +346,63 @@ def _compare(batched: Tensor, per_sample: Tensor, options: Options) -> None:
     )
 
 
+def _within_rounding(a: Tensor, b: Tensor, floor: float) -> bool:
+    """``|a - b| <= sqrt(eps) * max(|b|, floor)`` everywhere (same shapes)."""
+    if not b.numel():
+        return True
+    scale = b.abs().max().clamp(min=floor)
+    return bool((a - b).abs().max() <= torch.finfo(b.dtype).eps ** 0.5 * scale)
+
+
 def _linearise_per_sample(
     fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
 ) -> Linearised:
     batch = _batch_size(inputs, options)
     if _may_batch(options, probed, batch):
-        result = _linearise_batched(fn, inputs, options, probed, batch)
-        probed.batched = result is not None
-        if result is not None:
-            return result
+        batched = _linearise_batched(fn, inputs, options, probed, batch)
+        if batched is None:
+            probed.batched = False
+        elif probed.batched:
+            return batched
+        else:  # the first time on this signature: compared with the vmapped run
+            vmapped = _linearise_vmapped(fn, inputs, options, probed, batch, check=False)
+            return _verified(batched, vmapped, probed, options)
+    return _linearise_vmapped(fn, inputs, options, probed, batch)
+
+
+def _verified(
+    batched: Linearised, vmapped: Linearised, probed: Probed, options: Options
+) -> Linearised:
+    """The first batched run on a signature, against the vmapped one: their outputs must agree
+    (the sample check, on the whole batch), and so must their Gramians, or the batched run is
+    not used again on this signature (its rows are not the samples it takes them for: fn
+    reorders the samples, or builds a parameter view whose shape depends on the batch size).
+    Returns the one to use now."""
+    with torch.no_grad():
+        _compare(batched.out.detach(), vmapped.out.detach(), options, "on the whole batch")
+        probed.samples_checked = True
+        expected = vmapped.gramian()
+        try:
+            probed.batched = _agree(batched.gramian(), expected)
+        except Exception:  # the rules cannot replay a use of the batched run sample by sample
+            probed.batched = False
+    return batched if probed.batched else vmapped
+
+
+def _agree(a: Tensor, b: Tensor) -> bool:
+    """Whether two Gramians of fn agree up to rounding."""
+    return a.shape == b.shape and _within_rounding(a, b, floor=torch.finfo(b.dtype).tiny)
+
+
+def _linearise_vmapped(
+    fn: Callable[..., Any],
+    inputs: Inputs,
+    options: Options,
+    probed: Probed,
+    batch: int,
+    check: bool = True,
+) -> Linearised:
+    """fn under vmap over the samples (``check``: the sample check, if it is due)."""
     b = _check_output(probed.shape, options)
     taps = _zero_taps(probed.tap_shapes, batch)
     tape = Tape(inputs.params, taps, options.caller, per_sample=True, vmapped=True)
@@ -388,7 +419,7 @@ def _linearise_per_sample(
     out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
-    check = options.check_samples and not probed.samples_checked and batch >= 2
+    check = check and options.check_samples and not probed.samples_checked and batch >= 2
     if check and not tape.random and not _under_vmap():
         with torch.no_grad():
             _check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
@@ -445,12 +476,8 @@ def _linearise_batched(
         return None
     if tap_dims is None or SHARED in tap_dims or record_dims is None:
         return None  # a tap without samples would need one tap per sample: vmap's
-    if tape.random and not probed.samples_checked:
-        return None  # a random fn cannot be checked: only the vmapped run is sure to separate
-    if options.check_samples and not probed.samples_checked and not tape.random:
-        with torch.no_grad():
-            _compare(out.narrow(b, 0, 2), _each_sample(fn, inputs, 2, b, options), options)
-        probed.samples_checked = True
+    if tape.random:
+        return None  # only vmap gives each sample its own random draws
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = pull_back(reverse, per_sample) if made else []
     return Linearised(

@@ -133,14 +133,23 @@ def gramian_of(
     """
     caller = f"gramian_of(fn, batch_dim={batch_dim})"
     options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
-    numbers = normalize_argnums(argnums, caller)
-    probes = Probes()
+    return _gramian_transform(fn, normalize_argnums(argnums, caller), in_dims, options, Probes())
+
+
+def _gramian_transform(
+    fn: Callable[..., Any],
+    numbers: tuple[int, ...],
+    in_dims: InDims,
+    options: Options,
+    probes: Probes | None,
+) -> Callable[..., Any]:
+    """:func:`gramian_of`'s function, with its memory (None: it remembers nothing)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
         _, run = _linearise(fn, args, numbers, in_dims, options, probes)
         G = run.gramian(release=True)  # no vjp follows
-        return (G, run.aux) if has_aux else G
+        return (G, run.aux) if options.has_aux else G
 
     return wrapper
 
@@ -172,16 +181,9 @@ def gramian(
         >>> torchgram.gramian(losses, params, torch.randn(8, 4), batch_dim=0).shape
         torch.Size([8, 8])
     """
-    transform = gramian_of(
-        fn,
-        0,
-        batch_dim=batch_dim,
-        in_dims=in_dims,
-        has_aux=has_aux,
-        check_samples=check_samples,
-        max_chunk_bytes=max_chunk_bytes,
-    )
-    return transform(params, *args)
+    caller = f"gramian_of(fn, batch_dim={batch_dim})"
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
+    return _gramian_transform(fn, (0,), in_dims, options, None)(params, *args)
 
 
 def vjp_and_gramian(
