@@ -161,13 +161,18 @@ def _class_token(p, x):  # a parameter view whose shape depends on the batch siz
 def test_a_batched_run_whose_rows_are_not_the_samples_is_replaced(runs, fn) -> None:
     """Its Gramian differs from the vmapped run's (or cannot be computed): the vmapped one is
     returned, and the transform does not use the batched run on that signature again."""
+    _two_batches(fn, fn)
+    assert runs == ["batched", "vmap", "vmap"]
+
+
+def _two_batches(fn, oracle_fn) -> None:
+    """One transform called on two batches of the same shapes, exact on both."""
     transform = torchgram.gramian_of(fn, batch_dim=0)
     p = _params()
     for _ in range(2):
         x = torch.randn(B, DIN, dtype=D)
         G = transform(p, x)
-        assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, p, x), rtol=1e-10)
-    assert runs == ["batched", "vmap", "vmap"]
+        assert torch.allclose(torchgram.flatten(G), flat_gramian(oracle_fn, p, x), rtol=1e-10)
 
 
 def test_a_verified_batched_run_is_used_without_the_vmapped_one(runs) -> None:
@@ -177,12 +182,7 @@ def test_a_verified_batched_run_is_used_without_the_vmapped_one(runs) -> None:
         calls[0] += 1
         return _mlp(p, x)
 
-    transform = torchgram.gramian_of(fn, batch_dim=0)
-    p = _params()
-    for _ in range(2):
-        x = torch.randn(B, DIN, dtype=D)
-        G = transform(p, x)
-        assert torch.allclose(torchgram.flatten(G), flat_gramian(_mlp, p, x), rtol=1e-10)
+    _two_batches(fn, _mlp)
     assert runs == ["batched", "vmap", "batched"]
     assert calls[0] == 4  # probe, batched, vmapped; then the batched run alone
 
