@@ -22,3 +22,18 @@ def flat_gramian(fn: Callable[..., Any], params: Any, *args: Any) -> torch.Tenso
     """``[m, m]`` Gramian of the Jacobian, from the oracle."""
     J = jacobian_matrix(fn, params, *args)
     return J @ J.T
+
+
+def row_by_row_gramian(fn: Callable[..., Any], params: Any, *args: Any) -> torch.Tensor:
+    """``[m, m]`` Gramian from one ``torch.autograd.grad`` per output element: for ops whose
+    backward ``torch.func.vmap`` gets wrong (``torch.cdist`` in torch 2.13), where ``jacrev`` is
+    no oracle."""
+    leaves, spec = optree.tree_flatten(params)
+    leaves = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+    out = fn(optree.tree_unflatten(spec, leaves), *args).reshape(-1)
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], leaves, retain_graph=True)])
+        for i in range(out.numel())
+    ]
+    J = torch.stack(rows)
+    return J @ J.T
