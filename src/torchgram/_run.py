@@ -330,7 +330,7 @@ def _compare(
 ) -> None:
     """Raise if fn's output on samples as one batch differs from its outputs on each."""
     if batched.shape == per_sample.shape:
-        if _within_rounding(batched, per_sample, floor=1.0):
+        if _within_rounding(per_sample, batched, floor=1.0):
             return
         difference = (batched - per_sample).abs().max()
         what = f"outputs differ by up to {float(difference):.3g}"
@@ -347,7 +347,7 @@ def _compare(
 
 
 def _within_rounding(a: Tensor, b: Tensor, floor: float) -> bool:
-    """``|a - b| <= sqrt(eps) * max(|b|, floor)`` everywhere (same shapes)."""
+    """``|a - b| <= sqrt(eps) * max(max |b|, floor)`` everywhere (same shapes)."""
     if not b.numel():
         return True
     scale = b.abs().max().clamp(min=floor)
@@ -457,27 +457,28 @@ def _linearise_batched(
     tape = Tape(inputs.params, None, options.caller, per_sample=True)
     several = probed.shape.numel() > 1  # then the pull-back is batched over them
 
+    made: list[Tensor] = []
+
     def run() -> tuple[Tensor, Any, list[Tensor]]:
         tape.start(None, watch=True, make_taps=True)
         with _batchable_attention() if several else contextlib.nullcontext(), tape:
             out, _ = split_output(inputs.call(fn, inputs.data), False, options.caller)
-        assert tape.made is not None
-        return out, tuple(tape.records), tape.made
+        made[:] = tape.made or []
+        return out, tuple(tape.records), made
 
     try:
         reverse = linearise_made_taps(run)
     except Exception:  # the vmapped run raises what is wrong, if anything is
         return None
-    out, records, made = reverse.out, reverse.aux, tape.made
-    assert made is not None
+    if tape.random:
+        return None  # only vmap gives each sample its own random draws
+    out, records = reverse.out, reverse.aux
     tap_dims = _sample_dims([t.shape for t in made], [s for s, _, _ in probed.tap_shapes], batch)
     record_dims = _sample_dims([r.shape for r in records], probed.record_shapes, batch)
     if tuple(out.shape) != (*probed.shape[:b], batch, *probed.shape[b + 1 :]):
         return None
     if tap_dims is None or SHARED in tap_dims or record_dims is None:
         return None  # a tap without samples would need one tap per sample: vmap's
-    if tape.random:
-        return None  # only vmap gives each sample its own random draws
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = pull_back(reverse, per_sample) if made else []
     return Linearised(

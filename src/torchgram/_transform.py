@@ -131,19 +131,26 @@ def gramian_of(
         >>> torch.allclose(G, J @ J.T, atol=1e-4)
         True
     """
-    caller = f"gramian_of(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
-    return _gramian_transform(fn, normalize_argnums(argnums, caller), in_dims, options, Probes())
+    return _gramian_transform(
+        fn, argnums, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes, Probes()
+    )
 
 
 def _gramian_transform(
     fn: Callable[..., Any],
-    numbers: tuple[int, ...],
+    argnums: int | tuple[int, ...],
+    batch_dim: int | None,
     in_dims: InDims,
-    options: Options,
+    has_aux: bool,
+    check_samples: bool,
+    max_chunk_bytes: int,
     probes: Probes | None,
 ) -> Callable[..., Any]:
-    """:func:`gramian_of`'s function, with its memory (None: it remembers nothing)."""
+    """:func:`gramian_of`'s function, with its memory (None: it remembers nothing, as the eager
+    :func:`gramian`)."""
+    caller = f"gramian_of(fn, batch_dim={batch_dim})"
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
+    numbers = normalize_argnums(argnums, caller)
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
@@ -181,9 +188,10 @@ def gramian(
         >>> torchgram.gramian(losses, params, torch.randn(8, 4), batch_dim=0).shape
         torch.Size([8, 8])
     """
-    caller = f"gramian_of(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
-    return _gramian_transform(fn, (0,), in_dims, options, None)(params, *args)
+    transform = _gramian_transform(
+        fn, 0, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes, None
+    )
+    return transform(params, *args)
 
 
 def vjp_and_gramian(
