@@ -152,3 +152,45 @@ def test_bias_used_elsewhere_or_materialised_form_is_not_folded(monkeypatch) -> 
 
     _check(sequence, {"w": w, "b": b}, long_x)
     assert folds == [False]
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_maps_of_the_same_activations_share_one_ghost_gramian(monkeypatch, batch_dim, tokens):
+    """Heads on one trunk: the maps of the same activations with a bias go into one ghost
+    Gramian, those without one into another; a map of other activations and a weight used twice
+    stay on their own. Exact, with one token or several (the ghost form chosen then)."""
+    from torchgram import _factors
+
+    if tokens > 1:  # the cost model would materialise the gradients of 17 rows per sample
+        monkeypatch.setattr(_factors, "use_ghost", lambda *shapes: True)
+        monkeypatch.setattr(_assemble, "use_ghost", lambda *shapes: True)
+    shared: list[int] = []
+    shared_gramian = _assemble._shared_gramian
+
+    def spy(group, *args):
+        shared.append(len(group))
+        return shared_gramian(group, *args)
+
+    monkeypatch.setattr(_assemble, "_shared_gramian", spy)
+    torch.manual_seed(0)
+    names = ("w1", "b1", "w2", "b2", "w3", "w4", "w5", "w6")
+    shapes = ((2, 5), (2,), (3, 5), (3,), (1, 5), (2, 5), (4, 3), (5, 5))
+    params = {n: torch.randn(s, dtype=D) for n, s in zip(names, shapes, strict=True)}
+    x = torch.randn(4, tokens, 5, dtype=D)
+    F = torch.nn.functional
+
+    def fn(params, x):
+        h = torch.tanh(x)
+        heads = [
+            F.linear(h, params["w1"], params["b1"]),
+            F.linear(h, params["w2"], params["b2"]),
+            F.linear(h, params["w3"]),
+            F.linear(h, params["w4"]),
+            F.linear(torch.sin(h[..., :3]), params["w5"]),  # other activations
+            F.linear(h, params["w6"]) @ params["w6"],  # a weight used twice
+        ]
+        return torch.cat([torch.tanh(z).pow(2).sum(-2) for z in heads], -1)  # [B, 17]
+
+    _check(fn, params, x, batch_dim)
+    assert sorted(shared) == [2, 2]

@@ -27,6 +27,7 @@ def paths(monkeypatch) -> list[str]:
     taken: list[str] = []
     for module, name, path in [
         (_reverse, "_by_autograd", "autograd"),
+        (_reverse, "linearise_made_taps", "autograd"),  # the taps made by the run
         (_reverse, "_by_vjp", "vjp"),
         (_run, "linearise_made_taps", "batched"),
     ]:
@@ -114,3 +115,27 @@ def test_no_graph_when_only_aux_needs_one() -> None:
 
     out, _, G, _ = torchgram.vjp_and_gramian(fn, W, X, batch_dim=0, has_aux=True)
     assert not out.requires_grad and not G.requires_grad
+
+
+@pytest.mark.parametrize("case", ["returns-its-input", "without-grad"])
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_outputs_without_an_edge_of_their_own(paths, batch_dim, case) -> None:
+    """Plain autograd takes each use's output by its gradient edge. An output that is the op's
+    own input (``to`` of a parameter view already of that dtype) is no new value: it stays a
+    view of the parameter, whose later uses count. One computed without grad gets a leaf tap
+    added (its cotangent is zero). Exact either way."""
+
+    def fn(params, x):
+        h = torch.tanh(x @ params["w"])
+        vt = params["v"].T
+        if case == "returns-its-input":
+            return torch.tanh(h[:, :2] @ vt.to(D)) @ vt.T + h @ vt.T  # [B, 2]
+        with torch.no_grad():
+            scale = (x @ params["w"]).abs()[:, :2]
+        return torch.tanh(h @ vt.T) * scale
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    for _ in range(2):  # with batch_dim, the second call is the batched run alone
+        G = transform(W, X)
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W, X), rtol=1e-10)
+    assert paths[-1] == ("batched" if batch_dim == 0 else "autograd")

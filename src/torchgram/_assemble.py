@@ -15,11 +15,22 @@ both (the bias as a column of ones in the activations) instead of one each.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from torchgram._factors import DEFAULT_CHUNK_BYTES, Dense, Factor, Linear, dense_gramian
+from torchgram._factors import (
+    DEFAULT_CHUNK_BYTES,
+    Dense,
+    Factor,
+    Linear,
+    dense_gramian,
+    ghost_gramian,
+    use_ghost,
+)
 from torchgram._factors_embedding import Embedding
 from torchgram._tape import positions
 
@@ -51,16 +62,15 @@ def gramian_of_factors(
         by_leaf.setdefault(leaf, []).append(factor)
     if release:
         contributions.clear()
-    total: Tensor | None = None
+    parts = [_shared_gramian(group, chunk_bytes) for group in _same_activations(by_leaf)]
     for leaf in list(by_leaf):
         if leaf not in by_leaf:  # a bias, added with its weight
             continue
-        part = _group_gramian(by_leaf.pop(leaf), by_leaf, leaves[leaf].shape, chunk_bytes)
-        total = part if total is None else total + part
-    if total is None:
+        parts.append(_group_gramian(by_leaf.pop(leaf), by_leaf, leaves[leaf].shape, chunk_bytes))
+    if not parts:
         reference = leaves[0]
         return reference.new_zeros(rows, rows)
-    return total
+    return functools.reduce(operator.add, parts)
 
 
 def weighted_gradients(
@@ -87,6 +97,53 @@ def weighted_gradients(
             flat = part.new_zeros(shape.numel()).index_add(0, index, part.reshape(-1))
             grads[leaf] = grads[leaf] + flat.view(shape)
     return grads
+
+
+def _same_activations(by_leaf: dict[int, list[Factor]]) -> list[list[tuple[Linear, bool]]]:
+    """Linear maps of the same activations (e.g. the heads of a multi-task model on one trunk),
+    each the only factor of its whole leaf and with the ghost form the cheaper, taken out of
+    ``by_leaf`` (with their bias leaves, ``True`` then) in groups of two or more that share
+    their ghost similarities."""
+    groups: dict[tuple[Any, ...], list[tuple[int, Linear, bool]]] = {}
+    for leaf, factors in by_leaf.items():
+        factor = factors[0]
+        if len(factors) != 1 or not isinstance(factor, Linear) or factor.index is not None:
+            continue
+        if not use_ghost(factor.A.shape, factor.D.shape):
+            continue
+        bias = by_leaf.get(factor.bias, []) if factor.bias is not None else []
+        with_bias = len(bias) == 1 and bias[0].index is None
+        memory = _memory(factor.A)
+        if memory is None:
+            return []
+        groups.setdefault((*memory, with_bias), []).append((leaf, factor, with_bias))
+    shared = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        for leaf, factor, with_bias in group:
+            del by_leaf[leaf]
+            if with_bias:
+                del by_leaf[factor.bias]  # type: ignore[arg-type]
+        shared.append([(factor, with_bias) for _, factor, with_bias in group])
+    return shared
+
+
+def _memory(x: Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensors the same values: the same memory, read the same way (None where
+    it cannot be seen: under an outer vmap, whose tensors have no storage of their own)."""
+    try:
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device)
+    except RuntimeError:
+        return None
+
+
+def _shared_gramian(group: list[tuple[Linear, bool]], chunk_bytes: int) -> Tensor:
+    """One ghost Gramian for linear maps of the same activations: their cotangents side by side
+    (``<D, D>`` sums over the maps' outputs as over one map's)."""
+    A = group[0][0].A
+    D = torch.cat([factor.D for factor, _ in group], dim=-1)
+    return ghost_gramian(A, D, chunk_bytes, ones=group[0][1])
 
 
 def _group_gramian(

@@ -15,6 +15,7 @@ does (the one exception to "no state between calls", for a training loop's sake)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -100,5 +101,11 @@ def signature(inputs: Inputs, batch_dim: int | None, has_aux: bool) -> Hashable 
 def _autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
     """Whether autocast is on, and its dtype, on the devices it exists for: it changes the
     dtypes of ops' outputs, and so of the taps."""
-    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices)
+    return tuple(
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices()
+    )
+
+
+@functools.cache
+def _autocast_devices() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)

@@ -54,14 +54,26 @@ class Inputs:
     data_spec: Any
     dims: tuple[int | None, ...]
 
-    def call(self, fn: Callable[..., Any], data: Sequence[Any]) -> Any:
-        """``fn`` on the original parameters and the given data leaves."""
-        others = optree.tree_unflatten(self.data_spec, list(data))
-        args: list[Any] = []
-        rest = iter(others)
-        for position in range(len(self.args)):
-            args.append(self.args[position] if position in self.argnums else next(rest))
+    def call(
+        self, fn: Callable[..., Any], data: Sequence[Any], params: Sequence[Tensor] | None = None
+    ) -> Any:
+        """``fn`` on the given data leaves and the original parameters (or ``params``, leaves in
+        the same structure)."""
+        others = iter(optree.tree_unflatten(self.data_spec, list(data)))
+        given = self._params_arguments(params)
+        args = [
+            given.get(position, self.args[position]) if position in self.argnums else next(others)
+            for position in range(len(self.args))
+        ]
         return fn(*args)
+
+    def _params_arguments(self, leaves: Sequence[Tensor] | None) -> dict[int, Any]:
+        """The positional arguments that hold ``leaves``, by position (none for None)."""
+        if leaves is None:
+            return {}
+        tree = self.unflatten_params(leaves)
+        parts = (tree,) if len(self.argnums) == 1 else tuple(tree)
+        return dict(zip(self.argnums, parts, strict=True))
 
     def unflatten_params(self, leaves: Sequence[Tensor]) -> Any:
         """A pytree shaped like the parameters (a tuple of them when argnums is a tuple)."""
@@ -107,13 +119,14 @@ def split_inputs(
 
 def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
     leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
-    paths = optree.tree_paths(tree, none_is_leaf=True)
     if not leaves:
         raise ValueError(
             f"{caller}: params has no leaves, so there is nothing to differentiate. Pass the "
             "parameters as a pytree of tensors, e.g. dict(model.named_parameters())."
         )
-    for path, leaf in zip(paths, leaves, strict=True):
+    if all(differentiable(leaf) for leaf in leaves):
+        return tuple(leaves), spec
+    for path, leaf in zip(optree.tree_paths(tree, none_is_leaf=True), leaves, strict=True):
         if not isinstance(leaf, Tensor):
             raise TypeError(
                 f"{caller}: every leaf of params must be a tensor, but the leaf at {path} is a "
@@ -124,7 +137,7 @@ def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
                 f"{caller}: the leaf of params at {path} has dtype {leaf.dtype}; only "
                 "floating-point tensors have gradients. Leave integer tensors out of params."
             )
-    return tuple(leaves), spec
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _in_dims_entries(in_dims: InDims, count: int, caller: str) -> list[Any]:

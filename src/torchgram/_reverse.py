@@ -2,12 +2,15 @@
 
 Two ways to differentiate with respect to the taps give the same cotangents:
 
-- **plain autograd** (no ``torch.func`` transform is active): the taps are leaves that require
-  grad, ``fn`` runs with grad enabled, and ``torch.autograd.grad`` with ``is_grads_batched`` pulls
-  back every output row at once. It has none of ``torch.func.vjp``'s per-op cost (about a tenth of
-  a small model's call). Plain autograd would let fn write into tensors it did not create (a
-  buffer, an argument), which ``vjp`` refuses before they happen; the tape hands such a run back
-  before the write (:mod:`torchgram._guards`), and it is made again under ``vjp``.
+- **plain autograd** (no ``torch.func`` transform is active): ``fn`` runs with grad enabled on
+  copies of the parameters that require grad, each use's output is taken by its gradient edge
+  (no op is added to fn; see :func:`linearise_made_taps`), and ``torch.autograd.grad`` with
+  ``is_grads_batched`` pulls back every output row at once. (Under ``vmap`` over the samples
+  the taps are leaves that require grad, added to the outputs.) It has none of
+  ``torch.func.vjp``'s per-op cost (about a tenth of a small model's call). Plain autograd would
+  let fn write into tensors it did not create (a buffer, an argument), which ``vjp`` refuses
+  before they happen; the tape hands such a run back before the write
+  (:mod:`torchgram._guards`), and it is made again under ``vjp``.
 - **torch.func.vjp** inside a ``torch.func`` transform (an ensemble's ``vmap``, an outer ``grad``),
   so that the run composes with it, under ``torch.inference_mode`` (where autograd records
   nothing), and for runs handed back.
@@ -27,11 +30,17 @@ from typing import Any
 
 import optree
 import torch
+from torch.autograd.graph import GradientEdge
 from torch.func import vjp, vmap
 
 from torchgram._guards import NeedsTransform
 
 Tensor = torch.Tensor
+Tap = Tensor | GradientEdge
+
+TapShape = tuple[torch.Size, torch.dtype, torch.device]
+# made(params) -> (out, aux, taps, shapes): a run that makes its own taps (see linearise_made_taps)
+MadeRun = Callable[[tuple[Tensor, ...]], tuple[Tensor, Any, list[Tap], list[TapShape]]]
 # run(taps, watch) -> (out, aux); watch: the run is plain autograd (see torchgram._guards)
 Run = Callable[[tuple[Tensor, ...], bool], tuple[Tensor, Any]]
 
@@ -55,14 +64,22 @@ class Reverse:
     pull: Callable[[Tensor, bool], tuple[Tensor, ...]]
 
 
-def linearise_taps(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
-    """Run ``run(taps) -> (out, aux)`` so that cotangents can be pulled back to ``taps``."""
+def linearise_taps(
+    run: Run,
+    taps: tuple[Tensor, ...],
+    made: MadeRun | None = None,
+    params: tuple[Tensor, ...] = (),
+) -> Reverse:
+    """Run ``run(taps) -> (out, aux)`` so that cotangents can be pulled back to ``taps``.
+
+    ``made``: the same run making its own taps (see :func:`linearise_made_taps`, on ``params``),
+    used where plain autograd is."""
     if not taps:
         out, aux = run(taps, False)
         return Reverse(out, aux, False, lambda rows, batched: ())
     if not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
-            return _by_autograd(run, taps)
+            return _by_autograd(run, taps) if made is None else linearise_made_taps(made, params)
         except NeedsTransform:  # fn may write into a tensor it did not create: let vjp tell
             pass
     return _by_vjp(run, taps)
@@ -91,14 +108,21 @@ def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     return Reverse(out, aux, differentiable, pull)
 
 
-def linearise_made_taps(run: Callable[[], tuple[Tensor, Any, list[Tensor]]]) -> Reverse:
-    """Plain autograd with respect to taps that ``run() -> (out, aux, taps)`` makes as it goes
-    (leaves that require grad). Only outside ``torch.func`` transforms; a write into a tensor fn
-    did not create raises :class:`NeedsTransform` (the caller makes the run another way)."""
+def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
+    """Plain autograd with respect to taps that ``run(params) -> (out, aux, taps, shapes)`` makes
+    as it goes: the gradient edges of use outputs (no op is added to fn), or leaves that require
+    grad where an output has no edge of its own. ``shapes``: each tap's shape, dtype and device.
+
+    So that every use's output is in the graph, fn runs on ``params`` made to require grad (copies
+    of those that do not; the copies do not make the Gramian differentiable). Only outside
+    ``torch.func`` transforms; a write into a tensor fn did not create raises
+    :class:`NeedsTransform` (the caller makes the run another way)."""
     grad_enabled = torch.is_grad_enabled()
+    own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)
+    copies = tuple(c for c, p in zip(own, params, strict=True) if c is not p)
     with torch.enable_grad():
-        out, aux, leaves = run()
-    return _autograd_reverse(out, aux, tuple(leaves), grad_enabled)
+        out, aux, taps, shapes = run(own)
+    return _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, copies)
 
 
 def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
@@ -106,22 +130,34 @@ def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     leaves = tuple(tap.detach().requires_grad_() for tap in taps)
     with torch.enable_grad():
         out, aux = run(leaves, True)
-    return _autograd_reverse(out, aux, leaves, grad_enabled)
+    shapes = [(leaf.shape, leaf.dtype, leaf.device) for leaf in leaves]
+    return _autograd_reverse(out, aux, leaves, shapes, grad_enabled)
 
 
 def _autograd_reverse(
-    out: Tensor, aux: Any, leaves: tuple[Tensor, ...], grad_enabled: bool
+    out: Tensor,
+    aux: Any,
+    taps: tuple[Tap, ...],
+    shapes: list[TapShape],
+    grad_enabled: bool,
+    copies: tuple[Tensor, ...] = (),
 ) -> Reverse:
-    """The reverse pass of a plain autograd run of fn with respect to the tap leaves."""
+    """The reverse pass of a plain autograd run of fn with respect to the taps (``copies``:
+    leaves the run made to require grad besides them)."""
+    leaves = tuple(tap for tap in taps if isinstance(tap, Tensor)) + copies
     differentiable = grad_enabled and _needs_grad_beyond([out], leaves)
+
+    def zeros(lead: tuple[int, ...], shape: TapShape) -> Tensor:
+        size, dtype, device = shape
+        return torch.zeros(*lead, *size, dtype=dtype, device=device)
 
     def pull(rows: Tensor, batched: bool) -> tuple[Tensor, ...]:
         lead = (rows.shape[0],) if batched else ()
         if not out.requires_grad:  # fn's output depends on no tap
-            return tuple(leaf.new_zeros(*lead, *leaf.shape) for leaf in leaves)
+            return tuple(zeros(lead, shape) for shape in shapes)
         grads = torch.autograd.grad(
             out,
-            leaves,
+            taps,  # type: ignore[arg-type]  # tensors and edges together are fine
             rows,
             retain_graph=differentiable,  # the new graph reaches into the forward's
             create_graph=differentiable,
@@ -129,8 +165,7 @@ def _autograd_reverse(
             is_grads_batched=batched,
         )
         return tuple(  # a tap the output does not depend on (a use only aux needs): zeros
-            leaf.new_zeros(*lead, *leaf.shape) if g is None else g
-            for g, leaf in zip(grads, leaves, strict=True)
+            zeros(lead, shape) if g is None else g for g, shape in zip(grads, shapes, strict=True)
         )
 
     if differentiable:
@@ -142,25 +177,25 @@ def _autograd_reverse(
     return Reverse(out.detach(), aux, False, pull)
 
 
-def _needs_grad_beyond(roots: list[Tensor], taps: tuple[Tensor, ...]) -> bool:
-    """Whether the autograd graph of ``roots`` reaches a leaf that requires grad other than the
-    taps: a parameter, data or a tensor fn closes over (what makes the Gramian differentiable)."""
-    tap_ids = {id(tap) for tap in taps}
+def _needs_grad_beyond(roots: list[Tensor], leaves: tuple[Tensor, ...]) -> bool:
+    """Whether the autograd graph of ``roots`` reaches a leaf that requires grad other than
+    ``leaves`` (the run's own): a parameter, data or a tensor fn closes over (what makes the
+    Gramian differentiable)."""
+    tap_ids = {id(leaf) for leaf in leaves}
     if any(r.requires_grad and r.grad_fn is None and id(r) not in tap_ids for r in roots):
         return True  # such a leaf itself
     stack = [root.grad_fn for root in roots if root.grad_fn is not None]
-    seen: set[int] = set()
+    seen = set(stack)
     while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        if variable is not None:
-            if id(variable) not in tap_ids:
-                return True
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+        for node, _ in stack.pop().next_functions:
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ == "AccumulateGrad":  # a leaf
+                if id(node.variable) not in tap_ids:  # type: ignore[attr-defined]
+                    return True
+            else:
+                stack.append(node)
     return False
 
 

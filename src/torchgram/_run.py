@@ -43,6 +43,8 @@ from torchgram._memo import Probed, Probes, signature
 from torchgram._probe import check_taps, probe, refuse_mutation, split_output
 from torchgram._pytree import Inputs
 from torchgram._reverse import (
+    Tap,
+    TapShape,
     active_transforms,
     inside_func_transform,
     linearise_made_taps,
@@ -190,14 +192,22 @@ def _linearise_whole(
 
     several = probed.shape.numel() > 1  # then the pull-back is batched over them
 
-    def run(taps: tuple[Tensor, ...], watch: bool) -> tuple[Tensor, Any]:
-        tape.start(taps, watch)
+    def run(
+        taps: tuple[Tensor, ...], watch: bool, params: tuple[Tensor, ...] | None = None
+    ) -> tuple[Tensor, Any]:
+        tape.start(taps, watch, make_taps=params is not None, params=params)
         with _batchable_attention() if several else contextlib.nullcontext(), tape:
-            out, aux = split_output(inputs.call(fn, inputs.data), options.has_aux, options.caller)
+            out, aux = split_output(
+                inputs.call(fn, inputs.data, params), options.has_aux, options.caller
+            )
         return out, (tuple(tape.records), box.pack(aux))
 
+    def made(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
+        out, aux = run(taps, True, params)
+        return out, aux, tape.made or [], tape.tap_shapes
+
     with refuse_mutation(options.caller):
-        reverse = linearise_taps(run, taps)
+        reverse = linearise_taps(run, taps, made, inputs.params)
     out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
@@ -457,30 +467,28 @@ def _linearise_batched(
     tape = Tape(inputs.params, None, options.caller, per_sample=True)
     several = probed.shape.numel() > 1  # then the pull-back is batched over them
 
-    made: list[Tensor] = []
-
-    def run() -> tuple[Tensor, Any, list[Tensor]]:
-        tape.start(None, watch=True, make_taps=True)
+    def run(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
+        tape.start(None, watch=True, make_taps=True, params=params)
         with _batchable_attention() if several else contextlib.nullcontext(), tape:
-            out, _ = split_output(inputs.call(fn, inputs.data), False, options.caller)
-        made[:] = tape.made or []
-        return out, tuple(tape.records), made
+            out, _ = split_output(inputs.call(fn, inputs.data, params), False, options.caller)
+        return out, tuple(tape.records), tape.made or [], tape.tap_shapes
 
     try:
-        reverse = linearise_made_taps(run)
+        reverse = linearise_made_taps(run, inputs.params)
     except Exception:  # the vmapped run raises what is wrong, if anything is
         return None
     if tape.random:
         return None  # only vmap gives each sample its own random draws
     out, records = reverse.out, reverse.aux
-    tap_dims = _sample_dims([t.shape for t in made], [s for s, _, _ in probed.tap_shapes], batch)
+    shapes = [shape for shape, _, _ in tape.tap_shapes]
+    tap_dims = _sample_dims(shapes, [shape for shape, _, _ in probed.tap_shapes], batch)
     record_dims = _sample_dims([r.shape for r in records], probed.record_shapes, batch)
     if tuple(out.shape) != (*probed.shape[:b], batch, *probed.shape[b + 1 :]):
         return None
     if tap_dims is None or SHARED in tap_dims or record_dims is None:
         return None  # a tap without samples would need one tap per sample: vmap's
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    cotangents = pull_back(reverse, per_sample) if made else []
+    cotangents = pull_back(reverse, per_sample) if shapes else []
     return Linearised(
         out,
         None,

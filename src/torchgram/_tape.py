@@ -10,13 +10,15 @@ A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
   non-parameter inputs (returned from the run so that they outlive ``vmap``), and the shapes of its
   floating-point outputs;
 - adds a zero "tap" to each such output (second run), so that one reverse pass with respect to the
-  taps yields the output cotangent of every use; for ops whose parameters are small next to their
+  taps yields the output cotangent of every use (with plain autograd it takes the output's
+  gradient edge instead, and adds nothing); for ops whose parameters are small next to their
   output (norms' affine parameters, broadcast scales and biases: ``PARAMETER_TAPPED``) the taps go
   on the parameter arguments instead, and the reverse pass yields their per-sample gradients.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FunctionType
@@ -24,6 +26,7 @@ from typing import Any
 
 import optree
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from torchgram._guards import Guard
@@ -147,6 +150,18 @@ class TapeMismatch(RuntimeError):
         )
 
 
+# Arguments that optree keeps as leaves: an op given only these (and tensors) positionally has
+# the flat structure of _flat_spec, found without flattening.
+_SCALARS = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device})
+_LEAF = optree.tree_structure(0, none_is_leaf=True)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _flat_spec(count: int) -> Any:
+    """The structure of ``(args, {})`` for ``count`` positional leaves."""
+    return optree.tree_structure(((0,) * count, {}), none_is_leaf=True)  # type: ignore[arg-type]
+
+
 def _never(*args: Any, **kwargs: Any) -> bool:
     return False
 
@@ -194,21 +209,30 @@ class Tape(TorchFunctionMode):
         self.caller = caller
         self.guard = Guard(caller, per_sample)
         self.vmapped = vmapped
-        self._params = tuple(params)
+        self._given = tuple(params)
         self.start(taps)
 
     def start(
-        self, taps: Sequence[Tensor] | None, watch: bool = False, make_taps: bool = False
+        self,
+        taps: Sequence[Tensor] | None,
+        watch: bool = False,
+        make_taps: bool = False,
+        params: Sequence[Tensor] | None = None,
     ) -> None:
-        """Begin a run with these taps (None: shapes only), forgetting any earlier one.
+        """Begin a run with these taps (None: shapes only, or taps made by the run with no shapes
+        to check them against), forgetting any earlier one.
 
         ``watch``: the run is plain autograd, so writes into tensors fn did not create are
         handed back (see :mod:`torchgram._guards`). ``make_taps``: the run makes each tap itself
-        when it meets the output, as a leaf that requires grad, shaped like that output (the
-        batched run, whose shapes the probe does not give); they are in :attr:`made`.
+        when it meets the output (``taps`` then only give the shapes to check); they are in
+        :attr:`made`: the output's gradient edge where it has one of its own (then nothing is
+        added to fn), else a leaf that requires grad, shaped like the output, added to it.
+        ``params``: the leaves fn runs on this time, if not those given at construction
+        (copies that require grad, so that every use's output has an edge).
         """
+        self._params = self._given if params is None else tuple(params)
         self.taps = taps
-        self.made: list[Tensor] | None = [] if make_taps else None
+        self.made: list[Tensor | GradientEdge] | None = [] if make_taps else None
         self.uses: list[Use] = []
         self.records: list[Tensor] = []
         self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
@@ -232,11 +256,15 @@ class Tape(TorchFunctionMode):
         if name in RNN_OPS and not kwargs:
             with self:
                 return run_recurrent(name, args, self.caller)
-        if not self._may_use_params(args, kwargs):
-            return func(*args, **kwargs)
+        views = self._views
         leaves: list[Any]
-        leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
-        slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in self._views]
+        if not kwargs and all(isinstance(v, Tensor) or type(v) in _SCALARS for v in args):
+            leaves, spec = list(args), _flat_spec(len(args))  # most ops: no need to flatten
+        elif not self._may_use_params(args, kwargs):
+            return func(*args, **kwargs)
+        else:
+            leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
+        slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in views]
         if not slots:
             return func(*args, **kwargs)
         self.guard.refuse_writes_reading_params(name, kwargs)
@@ -309,16 +337,25 @@ class Tape(TorchFunctionMode):
     def _record(
         self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int], out: Any
     ) -> Any:
-        out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=True)
-        tapped = [i for i, v in enumerate(out_leaves) if differentiable(v)]
+        single = isinstance(out, Tensor)  # most ops: no need to flatten
+        out_leaves, out_spec = (
+            ([out], _LEAF) if single else optree.tree_flatten(out, none_is_leaf=True)
+        )
+        # An output that is one of the op's inputs (``to`` its own dtype) is no new value: a
+        # parameter view stays one, data does not depend on the parameters.
+        tapped = [
+            i
+            for i, v in enumerate(out_leaves)
+            if differentiable(v) and all(v is not x for x in leaves)
+        ]
         if not tapped:  # no differentiable output (sizes, masks, ...): nothing flows back
             return out
         stored, data = self._store(leaves, slots)
         use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
         self.uses.append(use)
         for i in tapped:
-            out_leaves[i] = self._tap(out_leaves[i])
-        return optree.tree_unflatten(out_spec, out_leaves)
+            out_leaves[i] = self._tap(out_leaves[i], output=True)
+        return out_leaves[0] if single else optree.tree_unflatten(out_spec, out_leaves)
 
     def _record_on_params(
         self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int]
@@ -348,18 +385,23 @@ class Tape(TorchFunctionMode):
                 self.guard.recorded(value)
         return stored, data
 
-    def _tap(self, value: Tensor) -> Tensor:
+    def _tap(self, value: Tensor, output: bool = False) -> Tensor:
+        """``value`` with its tap (``output``: ``value`` is the op's output, not an argument)."""
         position = len(self.tap_shapes)
         self.tap_shapes.append((value.shape, value.dtype, value.device))
+        taps = self.taps
+        if taps is not None and (position >= len(taps) or taps[position].shape != value.shape):
+            raise TapeMismatch(self.caller)
         if self.made is not None:
+            if output and value.grad_fn is not None:
+                self.made.append(get_gradient_edge(value))  # no op added: the output's own node
+                return value
             made = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
             self.made.append(made.requires_grad_())
             return value + made
-        if self.taps is None:
+        if taps is None:
             return value
-        if position >= len(self.taps) or self.taps[position].shape != value.shape:
-            raise TapeMismatch(self.caller)
-        tap = self.taps[position]
+        tap = taps[position]
         # Under autocast an op may give another dtype than in the probe: the tap takes the
         # output's dtype, so that fn computes exactly what it computes without the tape.
         return value + (tap if tap.dtype == value.dtype else tap.to(value.dtype))
