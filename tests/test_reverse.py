@@ -139,3 +139,34 @@ def test_outputs_without_an_edge_of_their_own(paths, batch_dim, case) -> None:
         G = transform(W, X)
     assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W, X), rtol=1e-10)
     assert paths[-1] == ("batched" if batch_dim == 0 else "autograd")
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_attention_kernel_chosen_only_where_fn_calls_attention(monkeypatch, batch_dim) -> None:
+    """The math kernel of scaled_dot_product_attention (the one vmap can batch) is chosen for the
+    runs of fn that call attention, and choosing it is skipped for the others."""
+    chosen: list[bool] = []
+    choose = _run._batchable_attention
+
+    def spy(needed=True):
+        chosen.append(needed)
+        return choose(needed)
+
+    monkeypatch.setattr(_run, "_batchable_attention", spy)
+    F = torch.nn.functional
+
+    def attention(params, x):  # x: [B, T, 4]
+        q = x @ params["w"]
+        return F.scaled_dot_product_attention(q, q, q).sum(-2)  # [B, 3]
+
+    def plain(params, x):
+        return torch.tanh(x @ params["w"]).sum(-2)
+
+    x = torch.randn(5, 2, 4, dtype=D)
+    for fn, expected in ((attention, True), (plain, False)):
+        chosen.clear()
+        transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+        for _ in range(2):
+            G = transform(W, x)
+        assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W, x), rtol=1e-10)
+        assert chosen and set(chosen) == {expected}

@@ -103,6 +103,7 @@ class Guard:
         self.caller = caller
         self.per_sample = per_sample
         self.random = False
+        self.attention = False
         self.watch = False  # whether writes into tensors fn did not create are handed back
         self._created: set[int] = set()
         self._recorded: set[int] = set()
@@ -110,6 +111,7 @@ class Guard:
     def start(self, watch: bool) -> None:
         """A fresh run (``watch``: it is plain autograd)."""
         self.random = False
+        self.attention = False
         self.watch = watch
         self._created.clear()
         self._recorded.clear()
@@ -134,6 +136,8 @@ class Guard:
             self.random = True
         elif name == "batch_norm":
             self._batch_norm(func, args, kwargs)
+        elif "attention" in name or "transformer" in name:
+            self.attention = True  # scaled_dot_product_attention, maybe inside
         if not (writes(name, kwargs) or writes_input(func, args, kwargs)):
             return
         target = kwargs.get("out", args[0] if args else None)
@@ -163,8 +167,9 @@ class Guard:
         return result
 
     def _remember(self, name: str, args: Sequence[Any], result: Tensor) -> None:
-        if any(result is arg for arg in args):  # the op returned its input
-            return
+        for arg in args:
+            if result is arg:  # the op returned its input
+                return
         if name in _ALIASING and args and isinstance(args[0], Tensor):
             if not self._made_here(args[0]):  # shares the memory of a tensor fn did not make
                 return

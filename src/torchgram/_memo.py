@@ -40,6 +40,8 @@ class Probed:
         on_params: Whether some use took its taps on its parameter arguments.
         batched: Whether the batched run (fn on the whole batch, without ``vmap``) gave the
             result on this signature: None before it was tried.
+        attention: Whether fn calls attention (``scaled_dot_product_attention``, or a function
+            that may call it out of the tape's sight), whose kernel must then be chosen.
     """
 
     tap_shapes: TapShapes
@@ -48,6 +50,7 @@ class Probed:
     record_shapes: list[torch.Size] = field(default_factory=list)
     on_params: bool = False
     batched: bool | None = None
+    attention: bool = True
 
 
 class Probes:

@@ -86,7 +86,13 @@ def probe(
         vjp(run, torch.zeros(()))
     records = [record.shape for record in tape.records]
     on_params = any(use.on_params for use in tape.uses)
-    return Probed(tape.tap_shapes, shapes[0], record_shapes=records, on_params=on_params)
+    return Probed(
+        tape.tap_shapes,
+        shapes[0],
+        record_shapes=records,
+        on_params=on_params,
+        attention=tape.guard.attention,
+    )
 
 
 def check_taps(tape: Tape, probed: Probed, caller: str) -> None:

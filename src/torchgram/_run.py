@@ -190,13 +190,13 @@ def _linearise_whole(
     tape = Tape(inputs.params, taps, options.caller, per_sample=False)
     box = _Aux()
 
-    several = probed.shape.numel() > 1  # then the pull-back is batched over them
+    several = probed.shape.numel() > 1 and probed.attention  # a batched pull-back of attention
 
     def run(
         taps: tuple[Tensor, ...], watch: bool, params: tuple[Tensor, ...] | None = None
     ) -> tuple[Tensor, Any]:
         tape.start(taps, watch, make_taps=params is not None, params=params)
-        with _batchable_attention() if several else contextlib.nullcontext(), tape:
+        with _batchable_attention(several), tape:
             out, aux = split_output(
                 inputs.call(fn, inputs.data, params), options.has_aux, options.caller
             )
@@ -274,7 +274,7 @@ def _merge(stacked: Tensor, b: int) -> Tensor:
 
 
 def _vmapped(
-    fn: Callable[..., Any], inputs: Inputs, options: Options, tape: Tape
+    fn: Callable[..., Any], inputs: Inputs, options: Options, tape: Tape, attention: bool = True
 ) -> Callable[[list[Any], tuple[Tensor, ...], bool], tuple[Tensor, tuple[Tensor, ...], Any, int]]:
     """fn over the samples, each call seeing a batch of one, under ``tape``.
 
@@ -297,7 +297,7 @@ def _vmapped(
     def run(data: list[Any], taps: tuple[Tensor, ...], watch: bool = False):
         watching[0] = watch
         one = [x if d is None else x.unsqueeze(d + 1) for x, d in zip(data, dims, strict=True)]
-        with _batchable_attention():
+        with _batchable_attention(attention):
             out, records, aux_tensors = vmap(per_sample, (0, dims), randomness="different")(
                 taps, one
             )
@@ -312,10 +312,13 @@ def _vmapped(
     return run
 
 
-def _batchable_attention() -> contextlib.AbstractContextManager[Any]:
+def _batchable_attention(needed: bool = True) -> contextlib.AbstractContextManager[Any]:
     """The math kernel of scaled_dot_product_attention: the fused CPU kernels have no vmap
     batching rule (forward or backward), and vmap's fallback would loop over the samples or
-    output elements (about 4x slower)."""
+    output elements (about 4x slower). ``needed``: whether fn calls attention (choosing the
+    kernel costs about 10 us a call)."""
+    if not needed:
+        return contextlib.nullcontext()
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - older torch
@@ -416,7 +419,7 @@ def _linearise_vmapped(
     b = _check_output(probed.shape, options)
     taps = _zero_taps(probed.tap_shapes, batch)
     tape = Tape(inputs.params, taps, options.caller, per_sample=True, vmapped=True)
-    run = _vmapped(fn, inputs, options, tape)
+    run = _vmapped(fn, inputs, options, tape, probed.attention)
 
     box = _Aux()
 
@@ -465,11 +468,11 @@ def _linearise_batched(
     (then it is made under vmap, which gives the result or the error)."""
     b = _check_output(probed.shape, options)
     tape = Tape(inputs.params, None, options.caller, per_sample=True)
-    several = probed.shape.numel() > 1  # then the pull-back is batched over them
+    several = probed.shape.numel() > 1 and probed.attention  # a batched pull-back of attention
 
     def run(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
         tape.start(None, watch=True, make_taps=True, params=params)
-        with _batchable_attention() if several else contextlib.nullcontext(), tape:
+        with _batchable_attention(several), tape:
             out, _ = split_output(inputs.call(fn, inputs.data, params), False, options.caller)
         return out, tuple(tape.records), tape.made or [], tape.tap_shapes
 
