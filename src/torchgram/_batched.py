@@ -37,4 +37,6 @@ def as_stacked(x: Tensor, dim: int, lead: int, batch: int) -> Tensor:
     (its batch of one kept at ``lead + 1 + dim``), as vmap stacks them. ``dim`` may be SHARED."""
     if dim == SHARED:
         return x.unsqueeze(lead).expand(*x.shape[:lead], batch, *x.shape[lead:])
-    return x.movedim(lead + dim, lead).unsqueeze(lead + 1 + dim)
+    if dim:
+        x = x.movedim(lead + dim, lead)
+    return x.unsqueeze(lead + 1 + dim)

@@ -211,5 +211,9 @@ def active_transforms() -> list[str] | None:
 def inside_func_transform() -> bool:
     """Whether a ``torch.func`` transform (vmap, grad, vjp, jvp, ...) is active (when it cannot
     tell: yes, the transform-safe way)."""
-    transforms = active_transforms()
-    return transforms is None or bool(transforms)
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # pragma: no cover - older torch
+        transforms = active_transforms()
+        return transforms is None or bool(transforms)
+    return peek_interpreter_stack() is not None
