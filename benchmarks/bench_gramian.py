@@ -20,7 +20,8 @@ Methods:
 - ``per-sample``: ``vmap(grad)`` (``jacrev`` for several losses per sample) of the losses, the
   Jacobian ``J`` flattened to ``[m, P]``, then ``J @ J.T``.
 
-CPU, 2 threads (``--threads``).
+Each architecture is timed in a fresh process of its own (``--one-process``: all in this one;
+see ``_times_in_subprocess`` for why). CPU, 2 threads (``--threads``).
 """
 
 from __future__ import annotations
@@ -410,6 +411,31 @@ def _memory_in_subprocess(method: str, arch: str, threads: int) -> float | None:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def _time_architecture(arch: str, methods: list[str], repeats: int) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    setting = ARCHITECTURES[arch]()
+    return _time({m: MAKERS[m](setting) for m in methods}, repeats)
+
+
+def _times_in_subprocess(
+    arch: str, methods: list[str], repeats: int, threads: int
+) -> dict[str, list[float]]:
+    """:func:`_time` of one architecture in a fresh process.
+
+    What ran before in the same process moves the ratios, and not alike for all methods: the
+    allocator's and caches' state after other models. Timed in one process after the four larger
+    models, ``iwmtl`` and ``mtl-batch-none`` measured 1.63x and 1.62x (against 1.39-1.47x and
+    1.42-1.55x in processes of their own), and the CNN after the two small ones 1.02x with its
+    step at 45 ms instead of 27-29 ms. A user's training process runs one model.
+    """
+    command = [sys.executable, __file__, "--time-one", arch, "--methods", *methods]
+    command += ["--repeats", str(repeats), "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"timing {arch} failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _cell(ratio: float | None, memory: float | None) -> str:
     if ratio is None:
         return "n/a"
@@ -432,7 +458,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="time every architecture in this process (by default each in a fresh one)",
+    )
     parser.add_argument("--measure-memory", nargs=2, metavar=("METHOD", "ARCH"))
+    parser.add_argument("--time-one", metavar="ARCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_memory:
         measure_memory(*args.measure_memory, args.threads)
@@ -444,11 +476,15 @@ def main() -> None:
     if missing and "torchjd" in methods:
         print(f"note: skipping torchjd: {missing}")
         methods.remove("torchjd")
+    if args.time_one:  # a subprocess of the run below: one architecture's times, as JSON
+        print(json.dumps(_time_architecture(args.time_one, methods, repeats)))
+        return
     rows = []
     for arch in args.arch or list(ARCHITECTURES):
-        torch.manual_seed(0)
-        setting = ARCHITECTURES[arch]()
-        times = _time({m: MAKERS[m](setting) for m in methods}, repeats)
+        if args.one_process:
+            times = _time_architecture(arch, methods, repeats)
+        else:
+            times = _times_in_subprocess(arch, methods, repeats, args.threads)
         seconds = {m: statistics.median(values) for m, values in times.items()}
         memory = {
             m: None if args.quick else _memory_in_subprocess(m, arch, args.threads) for m in methods
