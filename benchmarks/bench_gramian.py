@@ -20,8 +20,9 @@ Methods:
 - ``per-sample``: ``vmap(grad)`` (``jacrev`` for several losses per sample) of the losses, the
   Jacobian ``J`` flattened to ``[m, P]``, then ``J @ J.T``.
 
-Each architecture is timed in a fresh process of its own (``--one-process``: all in this one;
-see ``_times_in_subprocess`` for why). CPU, 2 threads (``--threads``).
+Each method is timed against the step, the pair in a fresh process of its own (``--one-process``:
+every architecture and method in this one; see ``_times_in_subprocess`` for why). CPU, 2 threads
+(``--threads``).
 """
 
 from __future__ import annotations
@@ -420,13 +421,18 @@ def _time_architecture(arch: str, methods: list[str], repeats: int) -> dict[str,
 def _times_in_subprocess(
     arch: str, methods: list[str], repeats: int, threads: int
 ) -> dict[str, list[float]]:
-    """:func:`_time` of one architecture in a fresh process.
+    """:func:`_time` of some methods on one architecture, in a fresh process.
 
-    What ran before in the same process moves the ratios, and not alike for all methods: the
-    allocator's and caches' state after other models. Timed in one process after the four larger
-    models, ``iwmtl`` and ``mtl-batch-none`` measured 1.63x and 1.62x (against 1.39-1.47x and
-    1.42-1.55x in processes of their own), and the CNN after the two small ones 1.02x with its
-    step at 45 ms instead of 27-29 ms. A user's training process runs one model.
+    The run times each method against the step, the pair in a process of its own, because what
+    else runs in a process moves the ratios, and not alike for all methods (the allocator's and
+    the caches' state). Timed in one process with TorchJD and the per-sample recipe (which
+    allocate 400-650 MiB per call on these models), ``iwmtl`` and ``mtl-batch-none`` measured
+    1.53-1.65x and 1.66-1.72x, against 1.32-1.47x and 1.42-1.55x with the step alone; and timed
+    after the other architectures in one process, 1.63x and 1.62x, while the CNN timed after
+    the two small models measured 1.02x with its step at 45 ms instead of 27-31 ms. A training
+    process runs one model and one method. (The step's own time also moves between processes:
+    ``iwmtl``'s takes 1.6 or 2.0-2.4 ms, and the ratio is lower in the slow ones, as if both
+    methods paid the same fixed extra.)
     """
     command = [sys.executable, __file__, "--time-one", arch, "--methods", *methods]
     command += ["--repeats", str(repeats), "--threads", str(threads)]
@@ -479,41 +485,56 @@ def main() -> None:
     if args.time_one:  # a subprocess of the run below: one architecture's times, as JSON
         print(json.dumps(_time_architecture(args.time_one, methods, repeats)))
         return
+    if "step" not in methods:
+        methods.insert(0, "step")  # the reference of every ratio
     rows = []
     for arch in args.arch or list(ARCHITECTURES):
         if args.one_process:
-            times = _time_architecture(arch, methods, repeats)
-        else:
-            times = _times_in_subprocess(arch, methods, repeats, args.threads)
-        seconds = {m: statistics.median(values) for m, values in times.items()}
+            groups = [_time_architecture(arch, methods, repeats)]
+        else:  # each method against the step, the pair in a fresh process of its own
+            others = [m for m in methods if m != "step"]
+            groups = [
+                _times_in_subprocess(arch, ["step", m], repeats, args.threads) for m in others
+            ]
+        ratios, spreads, step_seconds = {"step": 1.0}, {}, []
+        for times in groups:
+            step = statistics.median(times["step"])
+            step_seconds.append(step)
+            for m in times:
+                if m != "step":
+                    ratios[m] = statistics.median(times[m]) / step
+                    spreads[m] = _spread(times, m)
         memory = {
             m: None if args.quick else _memory_in_subprocess(m, arch, args.threads) for m in methods
         }
-        rows.append((arch, seconds, memory))
-        cells = ", ".join(f"{m} {seconds[m] * 1e3:.0f} ms" for m in methods)
-        if "step" in times and repeats > 1:
-            spreads = ", ".join(f"{m} {_spread(times, m)}" for m in methods if m != "step")
-            cells += f" (per-repeat ratios to step: {spreads})"
-        print(f"{arch}: {cells}", flush=True)
+        rows.append((arch, statistics.median(step_seconds), ratios, memory))
+        cells = ", ".join(f"{m} {ratios[m]:.2f}x" for m in methods if m != "step")
+        steps = ", ".join(f"{t * 1e3:.1f}" for t in step_seconds)
+        if repeats > 1:
+            cells += " (per-repeat: " + ", ".join(f"{m} {r}" for m, r in spreads.items()) + ")"
+        print(f"{arch}: step {steps} ms; {cells}", flush=True)
     _print_table(rows, methods)
 
 
-def _print_table(rows: list[tuple[str, dict[str, float], dict[str, Any]]], methods: list[str]):
+def _print_table(
+    rows: list[tuple[str, float, dict[str, float], dict[str, Any]]], methods: list[str]
+) -> None:
     print()
     print("| architecture | step (ms) | " + " | ".join(methods) + " |")
     print("|---|---:|" + "---:|" * len(methods))
     ratios: dict[str, list[float]] = {m: [] for m in methods}
-    for arch, seconds, memory in rows:
-        reference = seconds["step"] if "step" in seconds else float("nan")
+    for arch, step, of_arch, memory in rows:
         cells = []
         for m in methods:
-            ratio = seconds[m] / reference
-            ratios[m].append(ratio)
-            cells.append(_cell(ratio, memory[m]))
-        print(f"| {arch} | {reference * 1e3:.1f} | " + " | ".join(cells) + " |")
+            ratios[m].append(of_arch[m])
+            cells.append(_cell(of_arch[m], memory[m]))
+        print(f"| {arch} | {step * 1e3:.1f} | " + " | ".join(cells) + " |")
     means = [f"{math.exp(statistics.fmean(math.log(r) for r in ratios[m])):.2f}x" for m in methods]
     print("| geometric mean | | " + " | ".join(means) + " |")
-    print("\nCells: median time / median time of `step`, peak RSS growth in a separate process.")
+    print(
+        "\nCells: median time / median time of `step` (each method timed against the step in a "
+        "process of its own), peak RSS growth in a separate process."
+    )
 
 
 if __name__ == "__main__":
