@@ -170,3 +170,21 @@ def test_attention_kernel_chosen_only_where_fn_calls_attention(monkeypatch, batc
             G = transform(W, x)
         assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W, x), rtol=1e-10)
         assert chosen and set(chosen) == {expected}
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_parameters_made_under_inference_mode(paths, batch_dim) -> None:
+    """An inference tensor can have no copy that requires grad: the run then adds taps to the
+    outputs as under vmap (and with batch_dim, fn runs under vmap). Exact. (Autograd cannot save
+    an inference tensor for backward, so fn uses the parameter on data only.)"""
+    with torch.inference_mode():
+        w = W["w"].clone()
+
+    def fn(w, x):
+        return torch.tanh(x @ w)  # [B, 3]
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    for _ in range(2):
+        G = transform(w, X)
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W["w"], X), rtol=1e-10)
+    assert "batched" not in paths and paths[-1] == "autograd"

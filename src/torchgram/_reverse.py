@@ -79,7 +79,9 @@ def linearise_taps(
         return Reverse(out, aux, False, lambda rows, batched: ())
     if not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
-            return _by_autograd(run, taps) if made is None else linearise_made_taps(made, params)
+            if made is not None and may_make_taps(params):
+                return linearise_made_taps(made, params)
+            return _by_autograd(run, taps)
         except NeedsTransform:  # fn may write into a tensor it did not create: let vjp tell
             pass
     return _by_vjp(run, taps)
@@ -106,6 +108,12 @@ def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
         return tuple(cotangents)
 
     return Reverse(out, aux, differentiable, pull)
+
+
+def may_make_taps(params: tuple[Tensor, ...]) -> bool:
+    """Whether :func:`linearise_made_taps` can run on ``params``: an inference tensor (made under
+    ``torch.inference_mode``) can have no copy that requires grad."""
+    return not any(p.is_inference() for p in params)
 
 
 def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:

@@ -49,6 +49,7 @@ from torchgram._reverse import (
     inside_func_transform,
     linearise_made_taps,
     linearise_taps,
+    may_make_taps,
     pull_back,
 )
 from torchgram._rules import use_factors
@@ -371,7 +372,7 @@ def _linearise_per_sample(
     fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
 ) -> Linearised:
     batch = _batch_size(inputs, options)
-    if _may_batch(options, probed, batch):
+    if _may_batch(options, inputs, probed, batch):
         batched = _linearise_batched(fn, inputs, options, probed, batch)
         if batched is None:
             probed.batched = False
@@ -444,15 +445,17 @@ def _linearise_vmapped(
     )
 
 
-def _may_batch(options: Options, probed: Probed, batch: int) -> bool:
+def _may_batch(options: Options, inputs: Inputs, probed: Probed, batch: int) -> bool:
     """Whether to try the batched run (see :mod:`torchgram._batched`): plain autograd must be
-    possible, every tap must go on an output (a tap on a parameter argument would give the sum
-    over samples, not each sample's gradient), and aux must not be stacked from per-sample calls.
-    The sample check must run or have passed: without it the batched and the per-sample function
-    may differ."""
+    possible (outside transforms and inference mode, with parameters that can have copies that
+    require grad: no inference tensors), every tap must go on an output (a tap on a parameter
+    argument would give the sum over samples, not each sample's gradient), and aux must not be
+    stacked from per-sample calls. The sample check must run or have passed: without it the
+    batched and the per-sample function may differ."""
     return (
         probed.batched is not False
         and batch >= 2
+        and may_make_taps(inputs.params)
         and not probed.on_params
         and not options.has_aux
         and (options.check_samples or probed.samples_checked)
