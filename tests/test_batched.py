@@ -217,3 +217,21 @@ def test_sample_dim_and_stacking() -> None:
     assert torch.equal(as_stacked(c, 1, 1, 4)[:, 3, :, 0], c[:, :, 3])
     shared = as_stacked(torch.randn(3, 5), SHARED, 0, 4)
     assert shared.shape == (4, 3, 5) and torch.equal(shared[0], shared[3])
+
+
+def test_the_gramian_of_the_first_call_is_differentiable() -> None:
+    """The first call compares the batched run with the vmapped one without grad; the Gramian it
+    returns still has its graph to parameters that require grad (as every later call's does)."""
+    params = {k: v.requires_grad_() for k, v in _params().items()}
+    x = torch.randn(B, DIN, dtype=D)
+    transform = torchgram.gramian_of(_mlp, batch_dim=0)
+
+    def flat(params):
+        return torchgram.flatten(torchgram.gramian(_mlp, params, x, batch_dim=0))
+
+    expected = torch.func.jacrev(lambda p: flat(p).pow(2).sum())(params)
+    for _ in range(2):
+        G = torchgram.flatten(transform(params, x))
+        grads = torch.autograd.grad(G.pow(2).sum(), list(params.values()))
+        for g, name in zip(grads, params, strict=True):
+            assert torch.allclose(g, expected[name], rtol=1e-9)

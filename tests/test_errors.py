@@ -211,3 +211,16 @@ def test_nothing_left_behind_after_errors() -> None:
     torchgram.gramian(losses, W, X, batch_dim=0)
     assert not _get_current_function_mode_stack()
     assert torch.equal(X, x) and torch.equal(W["w"], w)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_the_same_tensor_twice_in_params(batch_dim) -> None:
+    w = W["w"]
+    with pytest.raises(ValueError, match=r"same tensor at \('a',\) and at \('b',\)"):
+        torchgram.gramian(
+            lambda p, x: x @ p["a"] @ p["b"].T, {"a": w, "b": w}, X, batch_dim=batch_dim
+        )
+    # a clone is a parameter of its own
+    torchgram.gramian(
+        lambda p, x: x @ p["a"] @ p["b"].T, {"a": w, "b": w.clone()}, X, batch_dim=batch_dim
+    )

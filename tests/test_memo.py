@@ -358,3 +358,21 @@ def test_linear_with_bias_keeps_autocast_dtype() -> None:
     G, dtype = torchgram.gramian(fn, w, x, batch_dim=0, has_aux=True)
     assert dtype == torch.float64
     _assert_oracle(G, lambda w, x: fn(w, x)[0], w, x)
+
+
+def test_autocast_without_batch_dim_several_rows() -> None:
+    """With one sample and several rows the ghost form multiplies similarities (float32 under
+    autocast) by cotangents (bfloat16): computed in the wider dtype, close to the Gramian
+    without autocast (the run rounds to bfloat16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(8, 5)
+
+    def fn(params, x):
+        return functional_call(model, params, (x,)).float().sum(0)  # [2]
+
+    expected = torchgram.gramian(fn, params, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        G = torchgram.gramian(fn, params, x)
+    assert torch.allclose(G.float(), expected, rtol=0, atol=3e-2 * float(expected.abs().max()))

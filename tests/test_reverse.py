@@ -33,9 +33,9 @@ def paths(monkeypatch) -> list[str]:
     ]:
         original = getattr(module, name)
 
-        def spy(*args, original=original, path=path):
+        def spy(*args, original=original, path=path, **kwargs):
             taken.append(path)
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, spy)
     return taken
@@ -117,25 +117,53 @@ def test_no_graph_when_only_aux_needs_one() -> None:
     assert not out.requires_grad and not G.requires_grad
 
 
-@pytest.mark.parametrize("case", ["returns-its-input", "without-grad"])
+_CASTS = {
+    "to-dtype": lambda w: w.to(D),
+    "to-device": lambda w: w.to("cpu"),
+    "double": lambda w: w.double(),
+    "type": lambda w: w.type(D),
+    "type-as": lambda w: w.type_as(X),
+    "cpu": lambda w: w.cpu(),
+    "atleast-2d": torch.atleast_2d,
+    "resolve-conj": lambda w: w.resolve_conj(),
+}
+
+
+@pytest.mark.parametrize("cast", list(_CASTS))
 @pytest.mark.parametrize("batch_dim", [0, None])
-def test_outputs_without_an_edge_of_their_own(paths, batch_dim, case) -> None:
-    """Plain autograd takes each use's output by its gradient edge. An output that is the op's
-    own input (``to`` of a parameter view already of that dtype) is no new value: it stays a
-    view of the parameter, whose later uses count. One computed without grad gets a leaf tap
-    added (its cotangent is zero). Exact either way."""
+def test_casts_to_what_a_parameter_already_is(paths, batch_dim, cast) -> None:
+    """A cast of a parameter to the dtype or device it already has returns the parameter itself
+    (or, in the probe under a transform, a new wrapper of the same values): a view of the same
+    elements, whose later uses count, on a whole leaf and on a view. Exact."""
+    to = _CASTS[cast]
 
     def fn(params, x):
-        h = torch.tanh(x @ params["w"])
+        h = torch.tanh(x @ to(params["w"]))
         vt = params["v"].T
-        if case == "returns-its-input":
-            return torch.tanh(h[:, :2] @ vt.to(D)) @ vt.T + h @ vt.T  # [B, 2]
-        with torch.no_grad():
-            scale = (x @ params["w"]).abs()[:, :2]
-        return torch.tanh(h @ vt.T) * scale
+        return torch.tanh(h[:, :2] @ to(vt)) @ vt.T + h @ to(params["v"])  # [B, 2]
 
     transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
     for _ in range(2):  # with batch_dim, the second call is the batched run alone
+        G = transform(W, X)
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W, X), rtol=1e-10)
+    assert paths[-1] == ("batched" if batch_dim == 0 else "autograd")
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_outputs_without_an_edge_of_their_own(paths, batch_dim) -> None:
+    """Plain autograd takes each use's output by its gradient edge. An output that is one of the
+    op's inputs (``type_as`` of data already of that type, the data used elsewhere too) has no
+    edge of its own, nor has one computed without grad: each gets a leaf tap added instead.
+    Exact either way."""
+
+    def fn(params, x):
+        h = torch.tanh(x @ params["w"])
+        with torch.no_grad():
+            scale = (x @ params["w"]).abs()[:, :2]
+        return torch.tanh(h.type_as(params["v"]) @ params["v"]) * scale + h[:, :2]
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    for _ in range(2):
         G = transform(W, X)
     assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W, X), rtol=1e-10)
     assert paths[-1] == ("batched" if batch_dim == 0 else "autograd")
@@ -188,3 +216,70 @@ def test_parameters_made_under_inference_mode(paths, batch_dim) -> None:
         G = transform(w, X)
     assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W["w"], X), rtol=1e-10)
     assert "batched" not in paths and paths[-1] == "autograd"
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_parameters_read_from_a_closure(batch_dim) -> None:
+    """fn may use the parameter tensors it was given through a closure (a module's own
+    parameters) instead of its argument: plain autograd runs fn on copies of them, and a use of
+    the originals is a use of the same leaf. The same Gramian as fn using its argument."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
+    ).double()
+    model.requires_grad_(False)
+    params = list(model.parameters())
+
+    def closure(params, x):
+        return model(x)
+
+    def argument(params, x):
+        named = dict(zip(dict(model.named_parameters()), params, strict=True))
+        return torch.func.functional_call(model, named, (x,))
+
+    expected = flat_gramian(argument, params, X)
+    for fn in (closure, argument):
+        transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+        for _ in range(2):
+            G = transform(params, X)
+        assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_data_made_under_inference_mode(monkeypatch, batch_dim) -> None:
+    """Autograd cannot save an inference tensor for backward, which a run on parameter copies
+    that require grad would: the run then falls back to leaf taps (remembered, so later calls
+    do not try again). Exact."""
+    made: list[int] = []
+    make = _reverse.linearise_made_taps
+
+    def spy(*args, **kwargs):
+        made.append(1)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(_reverse, "linearise_made_taps", spy)
+    monkeypatch.setattr(_run, "linearise_made_taps", spy)
+    with torch.inference_mode():
+        x = X.clone()
+
+    def fn(w, x):
+        return torch.tanh(x @ w)  # [B, 3]
+
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+    for _ in range(3):
+        G = transform(W["w"], x)
+        assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, W["w"], X), rtol=1e-10)
+    assert len(made) == 1  # tried once, on the first call that could use it
+
+
+def test_a_scalar_parameter() -> None:
+    """A 0-dim parameter (a scale) and a 0-dim use output (a dot product) get 0-dim taps
+    (without batch_dim, where the taps are exactly the outputs' shapes)."""
+    s = torch.tensor(0.7, dtype=D)
+    params = {"s": s, "w": W["w"][:, 0]}
+
+    def fn(params, x):
+        return torch.tanh(x * params["s"]).sum(-1) + torch.dot(x[0], params["w"])
+
+    G = torchgram.gramian(fn, params, X, batch_dim=None)
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, params, X), rtol=1e-10)

@@ -131,11 +131,15 @@ def _same_activations(by_leaf: dict[int, list[Factor]]) -> list[list[tuple[Linea
 
 def _memory(x: Tensor) -> tuple[Any, ...] | None:
     """What makes two tensors the same values: the same memory, read the same way (None where
-    it cannot be seen: under an outer vmap, whose tensors have no storage of their own)."""
+    it cannot be seen: under an outer vmap, whose tensors have no storage of their own, or with
+    no memory at all)."""
     try:
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device)
+        pointer = x.data_ptr()
     except RuntimeError:
         return None
+    if not pointer:  # no memory to tell by (a fake or meta tensor, an empty one)
+        return None
+    return (pointer, x.shape, x.stride(), x.dtype, x.device)
 
 
 def _shared_gramian(group: list[tuple[Linear, bool]], chunk_bytes: int) -> Tensor:

@@ -200,8 +200,10 @@ def ghost_from_similarity(
     whole = slice(0, B)
     if B == 1 and _through_similarity_cost(K, T, d) < _pairs_cost(K, B, T, d):
         # one sample (batch_dim=None): G = <D_k, S D_l>, K times fewer products than <D, D>
-        SD = torch.matmul(similarity(whole, whole), D[:, 0])  # [K, T, d]
-        return D.reshape(K, -1) @ SD.reshape(K, -1).T
+        S = similarity(whole, whole)
+        dtype = torch.promote_types(S.dtype, D.dtype)  # under autocast they may differ
+        SD = torch.matmul(S.to(dtype), D[:, 0].to(dtype))  # [K, T, d]
+        return D.reshape(K, -1).to(dtype) @ SD.reshape(K, -1).T
     per_pair = 2 * K * K * T * T * D.element_size()
     block = max(1, min(B, math.isqrt(max(chunk_bytes // per_pair, 1))))
     if block >= B:

@@ -42,6 +42,9 @@ class Probed:
             result on this signature: None before it was tried.
         attention: Whether fn calls attention (``scaled_dot_product_attention``, or a function
             that may call it out of the tape's sight), whose kernel must then be chosen.
+        made_taps: Whether plain autograd without ``batch_dim`` may take the uses' outputs by
+            their gradient edges (see :func:`torchgram._reverse.linearise_made_taps`): False
+            once that failed on this signature.
     """
 
     tap_shapes: TapShapes
@@ -51,6 +54,7 @@ class Probed:
     on_params: bool = False
     batched: bool | None = None
     attention: bool = True
+    made_taps: bool = True
 
 
 class Probes:

@@ -125,7 +125,9 @@ def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
             "parameters as a pytree of tensors, e.g. dict(model.named_parameters())."
         )
     if all(differentiable(leaf) for leaf in leaves):
-        return tuple(leaves), spec
+        if len({id(leaf) for leaf in leaves}) == len(leaves):
+            return tuple(leaves), spec
+        raise ValueError(_repeated(tree, leaves, caller))
     for path, leaf in zip(optree.tree_paths(tree, none_is_leaf=True), leaves, strict=True):
         if not isinstance(leaf, Tensor):
             raise TypeError(
@@ -138,6 +140,22 @@ def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
                 "floating-point tensors have gradients. Leave integer tensors out of params."
             )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _repeated(tree: Any, leaves: list[Any], caller: str) -> str:
+    """The error for one tensor at two places in params (its uses cannot be told apart)."""
+    paths = optree.tree_paths(tree, none_is_leaf=True)
+    first: dict[int, Any] = {}
+    for path, leaf in zip(paths, leaves, strict=True):
+        if id(leaf) in first:
+            break
+        first[id(leaf)] = path
+    return (
+        f"{caller}: params holds the same tensor at {first[id(leaf)]} and at {path}. A use of "
+        "it cannot be told to belong to one place or the other, so the Gramian would be "
+        "ambiguous. Pass each parameter once (dict(model.named_parameters()) does), or a clone "
+        "for a second, independent parameter."
+    )
 
 
 def _in_dims_entries(in_dims: InDims, count: int, caller: str) -> list[Any]:

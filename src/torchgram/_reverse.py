@@ -23,6 +23,7 @@ tensors fn closes over, an outer ``grad``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch.autograd.graph import GradientEdge
 from torch.func import vjp, vmap
 
 from torchgram._guards import NeedsTransform
+from torchgram._tape import TapeMismatch
 
 Tensor = torch.Tensor
 Tap = Tensor | GradientEdge
@@ -56,12 +58,15 @@ class Reverse:
         pull: ``pull(rows, batched)`` gives the cotangents of every tap for the cotangent rows
             ``[R, *out.shape]`` of the output (``batched``), each ``[R, ...]``, or for one row
             ``[*out.shape]`` (not ``batched``). Call it once: it frees the forward's graph.
+        made: Whether the run made its own taps (see :func:`linearise_made_taps`); None when
+            it did not try.
     """
 
     out: Tensor
     aux: Any
     differentiable: bool
     pull: Callable[[Tensor, bool], tuple[Tensor, ...]]
+    made: bool | None = None
 
 
 def linearise_taps(
@@ -80,11 +85,20 @@ def linearise_taps(
     if not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
             if made is not None and may_make_taps(params):
-                return linearise_made_taps(made, params)
+                with contextlib.suppress(Unmade):
+                    return linearise_made_taps(made, params, fall_back=True)
+                reverse = _by_autograd(run, taps)
+                reverse.made = False  # tried, and the taps are leaves instead
+                return reverse
             return _by_autograd(run, taps)
         except NeedsTransform:  # fn may write into a tensor it did not create: let vjp tell
             pass
     return _by_vjp(run, taps)
+
+
+class Unmade(Exception):
+    """The run on copies of the parameters failed where the run with leaf taps may not (data
+    made under inference mode, which autograd cannot save once the copies require grad)."""
 
 
 def pull_back(reverse: Reverse, per_sample: torch.Size) -> list[Tensor]:
@@ -116,7 +130,9 @@ def may_make_taps(params: tuple[Tensor, ...]) -> bool:
     return not any(p.is_inference() for p in params)
 
 
-def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
+def linearise_made_taps(
+    run: MadeRun, params: tuple[Tensor, ...], fall_back: bool = False
+) -> Reverse:
     """Plain autograd with respect to taps that ``run(params) -> (out, aux, taps, shapes)`` makes
     as it goes: the gradient edges of use outputs (no op is added to fn), or leaves that require
     grad where an output has no edge of its own. ``shapes``: each tap's shape, dtype and device.
@@ -124,13 +140,31 @@ def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
     So that every use's output is in the graph, fn runs on ``params`` made to require grad (copies
     of those that do not; the copies do not make the Gramian differentiable). Only outside
     ``torch.func`` transforms; a write into a tensor fn did not create raises
-    :class:`NeedsTransform` (the caller makes the run another way)."""
+    :class:`NeedsTransform` (the caller makes the run another way). ``fall_back``: any other
+    error but a :class:`~torchgram._tape.TapeMismatch` raises :class:`Unmade` (the caller makes
+    the run with leaf taps, which gives the result or the error)."""
     grad_enabled = torch.is_grad_enabled()
     own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)
     copies = tuple(c for c, p in zip(own, params, strict=True) if c is not p)
-    with torch.enable_grad():
-        out, aux, taps, shapes = run(own)
-    return _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, copies)
+    try:
+        with torch.enable_grad():
+            out, aux, taps, shapes = run(own)
+    except (NeedsTransform, TapeMismatch):
+        raise
+    except Exception as error:
+        if not fall_back:
+            raise
+        raise Unmade from error
+    originals = {id(c): p for c, p in zip(own, params, strict=True) if c is not p}
+    if originals:  # aux that returns a parameter returns the caller's, not the copy
+        aux = optree.tree_map(
+            lambda x: originals.get(id(x), x) if isinstance(x, Tensor) else x,
+            aux,
+            none_is_leaf=True,
+        )
+    result = _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, copies)
+    result.made = True
+    return result
 
 
 def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
@@ -157,7 +191,7 @@ def _autograd_reverse(
 
     def zeros(lead: tuple[int, ...], shape: TapShape) -> Tensor:
         size, dtype, device = shape
-        return torch.zeros(*lead, *size, dtype=dtype, device=device)
+        return torch.zeros((*lead, *size), dtype=dtype, device=device)
 
     def pull(rows: Tensor, batched: bool) -> tuple[Tensor, ...]:
         lead = (rows.shape[0],) if batched else ()

@@ -179,7 +179,7 @@ def _zero_taps(
     """One zero per tapped output: a broadcast scalar, so the taps take no memory."""
     lead = () if batch is None else (batch,)
     return tuple(
-        torch.zeros((), dtype=dtype, device=device).expand(*lead, *shape)
+        torch.zeros((), dtype=dtype, device=device).expand((*lead, *shape))
         for shape, dtype, device in shapes
     )
 
@@ -208,7 +208,9 @@ def _linearise_whole(
         return out, aux, tape.made or [], tape.tap_shapes
 
     with refuse_mutation(options.caller):
-        reverse = linearise_taps(run, taps, made, inputs.params)
+        reverse = linearise_taps(run, taps, made if probed.made_taps else None, inputs.params)
+    if reverse.made is False:  # not tried again on this signature
+        probed.made_taps = False
     out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
@@ -400,7 +402,11 @@ def _verified(
             probed.batched = _agree(batched.gramian(), expected)
         except Exception:  # the rules cannot replay a use of the batched run sample by sample
             probed.batched = False
-    return batched if probed.batched else vmapped
+    chosen = batched if probed.batched else vmapped
+    # the factors were made without grad: made again for the Gramian returned, which may need
+    # a graph (parameters or data that require grad)
+    chosen.__dict__.pop("contributions", None)
+    return chosen
 
 
 def _agree(a: Tensor, b: Tensor) -> bool:

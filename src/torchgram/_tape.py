@@ -45,6 +45,14 @@ _VIEW_OPS = frozenset(
     }
 )  # fmt: skip
 _AS_OPS = {"view_as": "view", "reshape_as": "reshape", "expand_as": "expand"}
+# Casts of their first argument: to a dtype, device or layout it already has they return the same
+# values (the tensor itself, or under a transform a new wrapper), which stay a parameter view.
+_CASTS = frozenset(
+    {
+        "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda",
+        "resolve_conj", "resolve_neg", "atleast_1d", "atleast_2d", "atleast_3d",
+    }
+)  # fmt: skip
 # Ops whose parameters are small next to their output (the affine parameters of norms; scales,
 # shifts and biases broadcast by elementwise ops): the taps go on the parameter arguments, so the
 # pull-back yields their per-sample gradients directly and the output cotangent is never kept.
@@ -231,14 +239,21 @@ class Tape(TorchFunctionMode):
         (copies that require grad, so that every use's output has an edge).
         """
         self._params = self._given if params is None else tuple(params)
+        # fn may read the given leaves from a closure while the copies go through its argument:
+        # a use of either is a use of the leaf
+        aliases = () if params is None else self._given
         self.taps = taps
         self.made: list[Tensor | GradientEdge] | None = [] if make_taps else None
         self.uses: list[Use] = []
         self.records: list[Tensor] = []
         self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self._views: dict[int, ParamView] = {
-            id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(self._params)
+            id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(aliases)
         }
+        self._views.update(
+            (id(leaf), ParamView(position, leaf, None))
+            for position, leaf in enumerate(self._params)
+        )
         self.guard.start(watch)
 
     @property
@@ -270,6 +285,11 @@ class Tape(TorchFunctionMode):
         self.guard.refuse_writes_reading_params(name, kwargs)
         if name in _VIEW_OPS and self._only_tensor(leaves, slots, name):
             return self._follow_view(func, name, leaves, spec, slots[0])
+        if name in _CASTS and slots[0] == 0:
+            out = func(*args, **kwargs)
+            if self._same_value(out, leaves[0]):  # a cast to what it already is
+                return out
+            return self._record(func, leaves, spec, slots, out)
         if name in PARAMETER_TAPPED:  # before stepping inside (``__rdiv__`` is a function)
             return self._record_on_params(func, leaves, spec, slots)
         if isinstance(func, FunctionType) and any(
@@ -304,6 +324,23 @@ class Tape(TorchFunctionMode):
             elif isinstance(value, (list, tuple, dict)):
                 return True  # nested: flatten to see
         return False
+
+    def _same_value(self, out: Any, source: Tensor) -> bool:
+        """Whether ``out`` is the parameter view ``source`` itself, or the same values as another
+        tensor (under a transform a no-op cast may return a new wrapper): then it becomes a view
+        of the same elements."""
+        if out is source:
+            return True
+        same = (
+            isinstance(out, Tensor)
+            and out.shape == source.shape
+            and out.dtype == source.dtype
+            and out.device == source.device
+        )
+        if same:
+            view = self._views[id(source)]
+            self._views[id(out)] = ParamView(view.leaf, out, view.index)
+        return same
 
     def _only_tensor(self, leaves: list[Any], slots: list[int], name: str) -> bool:
         """Whether a view op's only tensor input is the one parameter view it reads."""
@@ -341,20 +378,16 @@ class Tape(TorchFunctionMode):
         out_leaves, out_spec = (
             ([out], _LEAF) if single else optree.tree_flatten(out, none_is_leaf=True)
         )
-        # An output that is one of the op's inputs (``to`` its own dtype) is no new value: a
-        # parameter view stays one, data does not depend on the parameters.
-        tapped = [
-            i
-            for i, v in enumerate(out_leaves)
-            if differentiable(v) and all(v is not x for x in leaves)
-        ]
+        tapped = [i for i, v in enumerate(out_leaves) if differentiable(v)]
         if not tapped:  # no differentiable output (sizes, masks, ...): nothing flows back
             return out
         stored, data = self._store(leaves, slots)
         use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
         self.uses.append(use)
         for i in tapped:
-            out_leaves[i] = self._tap(out_leaves[i], output=True)
+            # an output that is one of the op's inputs has no gradient edge of its own
+            own = all(out_leaves[i] is not x for x in leaves)
+            out_leaves[i] = self._tap(out_leaves[i], output=own)
         return out_leaves[0] if single else optree.tree_unflatten(out_spec, out_leaves)
 
     def _record_on_params(
@@ -386,7 +419,8 @@ class Tape(TorchFunctionMode):
         return stored, data
 
     def _tap(self, value: Tensor, output: bool = False) -> Tensor:
-        """``value`` with its tap (``output``: ``value`` is the op's output, not an argument)."""
+        """``value`` with its tap (``output``: ``value`` is a new output of the op, none of its
+        arguments, so that its gradient edge is its own)."""
         position = len(self.tap_shapes)
         self.tap_shapes.append((value.shape, value.dtype, value.device))
         taps = self.taps
