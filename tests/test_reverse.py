@@ -283,3 +283,18 @@ def test_a_scalar_parameter() -> None:
 
     G = torchgram.gramian(fn, params, X, batch_dim=None)
     assert torch.allclose(torchgram.flatten(G), flat_gramian(fn, params, X), rtol=1e-10)
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_aux_returns_the_callers_parameters(differentiable) -> None:
+    """fn runs on copies of the parameters; a parameter it returns in aux is the caller's (not a
+    copy that requires grad, also when data that require grad keep the run's graph)."""
+
+    def fn(params, x):
+        return losses(params, x).sum(0), params["w"]
+
+    x = X.clone().requires_grad_(differentiable)
+    G, aux = torchgram.gramian(fn, W, x, has_aux=True)
+    assert not aux.requires_grad and aux.data_ptr() == W["w"].data_ptr()
+    assert G.requires_grad == differentiable
+    assert torch.allclose(torchgram.flatten(G), flat_gramian(lambda p, x: fn(p, x)[0], W, X))

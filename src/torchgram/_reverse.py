@@ -155,13 +155,6 @@ def linearise_made_taps(
         if not fall_back:
             raise
         raise Unmade from error
-    originals = {id(c): p for c, p in zip(own, params, strict=True) if c is not p}
-    if originals:  # aux that returns a parameter returns the caller's, not the copy
-        aux = optree.tree_map(
-            lambda x: originals.get(id(x), x) if isinstance(x, Tensor) else x,
-            aux,
-            none_is_leaf=True,
-        )
     result = _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, copies)
     result.made = True
     return result

@@ -201,6 +201,13 @@ def _linearise_whole(
             out, aux = split_output(
                 inputs.call(fn, inputs.data, params), options.has_aux, options.caller
             )
+        if params is not None and options.has_aux:  # the caller's parameters, not the copies
+            originals = {id(c): p for c, p in zip(params, inputs.params, strict=True)}
+            aux = optree.tree_map(
+                lambda x: originals.get(id(x), x) if isinstance(x, Tensor) else x,
+                aux,
+                none_is_leaf=True,
+            )
         return out, (tuple(tape.records), box.pack(aux))
 
     def made(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:

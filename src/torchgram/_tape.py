@@ -218,6 +218,9 @@ class Tape(TorchFunctionMode):
         self.guard = Guard(caller, per_sample)
         self.vmapped = vmapped
         self._given = tuple(params)
+        self._given_views = {
+            id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(self._given)
+        }
         self.start(taps)
 
     def start(
@@ -239,21 +242,19 @@ class Tape(TorchFunctionMode):
         (copies that require grad, so that every use's output has an edge).
         """
         self._params = self._given if params is None else tuple(params)
-        # fn may read the given leaves from a closure while the copies go through its argument:
-        # a use of either is a use of the leaf
-        aliases = () if params is None else self._given
         self.taps = taps
         self.made: list[Tensor | GradientEdge] | None = [] if make_taps else None
         self.uses: list[Use] = []
         self.records: list[Tensor] = []
         self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
-        self._views: dict[int, ParamView] = {
-            id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(aliases)
-        }
-        self._views.update(
-            (id(leaf), ParamView(position, leaf, None))
-            for position, leaf in enumerate(self._params)
-        )
+        # with copies, fn may still read the given leaves from a closure while the copies go
+        # through its argument: a use of either is a use of the leaf
+        self._views: dict[int, ParamView] = dict(self._given_views)
+        if params is not None:
+            self._views.update(
+                (id(leaf), ParamView(position, leaf, None))
+                for position, leaf in enumerate(self._params)
+            )
         self.guard.start(watch)
 
     @property
