@@ -76,8 +76,8 @@ def gramian_of(
     """Transform ``fn`` into a function that returns the Gramian of its Jacobian.
 
     For ``out = fn(*args)`` of shape ``S`` and the parameters ``args[argnums]`` (any pytree of
-    floating-point tensors), the returned function gives the generalized Gramian of shape
-    ``S + S[::-1]``::
+    floating-point tensors, each tensor once), the returned function gives the generalized
+    Gramian of shape ``S + S[::-1]``::
 
         G[s, reversed(s')] = <d out[s] / d params, d out[s'] / d params>
 
