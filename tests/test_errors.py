@@ -221,6 +221,7 @@ def test_the_same_tensor_twice_in_params(batch_dim) -> None:
             lambda p, x: x @ p["a"] @ p["b"].T, {"a": w, "b": w}, X, batch_dim=batch_dim
         )
     # a clone is a parameter of its own
-    torchgram.gramian(
-        lambda p, x: x @ p["a"] @ p["b"].T, {"a": w, "b": w.clone()}, X, batch_dim=batch_dim
-    )
+    params = {"a": w, "b": w.clone()}
+    G = torchgram.gramian(lambda p, x: x @ p["a"] @ p["b"].T, params, X, batch_dim=batch_dim)
+    expected = flat_gramian(lambda p, x: x @ p["a"] @ p["b"].T, params, X)
+    assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10)

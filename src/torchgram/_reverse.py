@@ -24,6 +24,7 @@ tensors fn closes over, an outer ``grad``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,13 +85,11 @@ def linearise_taps(
         return Reverse(out, aux, False, lambda rows, batched: ())
     if not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
-            if made is not None and may_make_taps(params):
-                with contextlib.suppress(Unmade):
-                    return linearise_made_taps(made, params, fall_back=True)
-                reverse = _by_autograd(run, taps)
-                reverse.made = False  # tried, and the taps are leaves instead
-                return reverse
-            return _by_autograd(run, taps)
+            if made is None or not may_make_taps(params):
+                return _by_autograd(run, taps)
+            with contextlib.suppress(Unmade):
+                return linearise_made_taps(made, params)
+            return dataclasses.replace(_by_autograd(run, taps), made=False)  # leaf taps instead
         except NeedsTransform:  # fn may write into a tensor it did not create: let vjp tell
             pass
     return _by_vjp(run, taps)
@@ -130,9 +129,7 @@ def may_make_taps(params: tuple[Tensor, ...]) -> bool:
     return not any(p.is_inference() for p in params)
 
 
-def linearise_made_taps(
-    run: MadeRun, params: tuple[Tensor, ...], fall_back: bool = False
-) -> Reverse:
+def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
     """Plain autograd with respect to taps that ``run(params) -> (out, aux, taps, shapes)`` makes
     as it goes: the gradient edges of use outputs (no op is added to fn), or leaves that require
     grad where an output has no edge of its own. ``shapes``: each tap's shape, dtype and device.
@@ -140,9 +137,9 @@ def linearise_made_taps(
     So that every use's output is in the graph, fn runs on ``params`` made to require grad (copies
     of those that do not; the copies do not make the Gramian differentiable). Only outside
     ``torch.func`` transforms; a write into a tensor fn did not create raises
-    :class:`NeedsTransform` (the caller makes the run another way). ``fall_back``: any other
-    error but a :class:`~torchgram._tape.TapeMismatch` raises :class:`Unmade` (the caller makes
-    the run with leaf taps, which gives the result or the error)."""
+    :class:`NeedsTransform` (the caller makes the run another way); any other error but a
+    :class:`~torchgram._tape.TapeMismatch` raises :class:`Unmade` (the caller makes the run
+    another way, which gives the result or the error)."""
     grad_enabled = torch.is_grad_enabled()
     own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)
     copies = tuple(c for c, p in zip(own, params, strict=True) if c is not p)
@@ -152,8 +149,6 @@ def linearise_made_taps(
     except (NeedsTransform, TapeMismatch):
         raise
     except Exception as error:
-        if not fall_back:
-            raise
         raise Unmade from error
     result = _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, copies)
     result.made = True
@@ -246,9 +241,13 @@ def active_transforms() -> list[str] | None:
 def inside_func_transform() -> bool:
     """Whether a ``torch.func`` transform (vmap, grad, vjp, jvp, ...) is active (when it cannot
     tell: yes, the transform-safe way)."""
-    try:
-        from torch._C._functorch import peek_interpreter_stack
-    except ImportError:  # pragma: no cover - older torch
+    if _peek_interpreter_stack is None:  # pragma: no cover - older torch
         transforms = active_transforms()
         return transforms is None or bool(transforms)
-    return peek_interpreter_stack() is not None
+    return _peek_interpreter_stack() is not None
+
+
+try:
+    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
+except ImportError:  # pragma: no cover - older torch
+    _peek_interpreter_stack = None  # type: ignore[assignment]

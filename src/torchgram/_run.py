@@ -191,7 +191,7 @@ def _linearise_whole(
     tape = Tape(inputs.params, taps, options.caller, per_sample=False)
     box = _Aux()
 
-    several = probed.shape.numel() > 1 and probed.attention  # a batched pull-back of attention
+    several = _batched_attention(probed)
 
     def run(
         taps: tuple[Tensor, ...], watch: bool, params: tuple[Tensor, ...] | None = None
@@ -320,6 +320,12 @@ def _vmapped(
         return _merge(out, b), records, optree.tree_unflatten(spec, leaves), b
 
     return run
+
+
+def _batched_attention(probed: Probed) -> bool:
+    """Whether a plain autograd run needs attention's math kernel: fn calls attention and the
+    pull-back is batched over several rows (``is_grads_batched``, a vmap)."""
+    return probed.shape.numel() > 1 and probed.attention
 
 
 def _batchable_attention(needed: bool = True) -> contextlib.AbstractContextManager[Any]:
@@ -484,7 +490,7 @@ def _linearise_batched(
     (then it is made under vmap, which gives the result or the error)."""
     b = _check_output(probed.shape, options)
     tape = Tape(inputs.params, None, options.caller, per_sample=True)
-    several = probed.shape.numel() > 1 and probed.attention  # a batched pull-back of attention
+    several = _batched_attention(probed)
 
     def run(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
         tape.start(None, watch=True, make_taps=True, params=params)

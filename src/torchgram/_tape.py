@@ -387,7 +387,7 @@ class Tape(TorchFunctionMode):
         self.uses.append(use)
         for i in tapped:
             # an output that is one of the op's inputs has no gradient edge of its own
-            own = all(out_leaves[i] is not x for x in leaves)
+            own = self.made is not None and all(out_leaves[i] is not x for x in leaves)
             out_leaves[i] = self._tap(out_leaves[i], output=own)
         return out_leaves[0] if single else optree.tree_unflatten(out_spec, out_leaves)
 
