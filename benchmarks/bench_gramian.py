@@ -20,9 +20,10 @@ Methods:
 - ``per-sample``: ``vmap(grad)`` (``jacrev`` for several losses per sample) of the losses, the
   Jacobian ``J`` flattened to ``[m, P]``, then ``J @ J.T``.
 
-Each method is timed against the step, the pair in a fresh process of its own (``--one-process``:
-every architecture and method in this one; see ``_times_in_subprocess`` for why). CPU, 2 threads
-(``--threads``).
+Each method is timed against the step, the pair in fresh processes of its own (``--processes``,
+3 by default, each with ``--repeats`` timed repeats; the ratio is the median of the processes'
+ratios, see ``_ratio``; ``--one-process``: every architecture and method in this one; see
+``_times_in_subprocess`` for why). CPU, 2 threads (``--threads``).
 """
 
 from __future__ import annotations
@@ -348,11 +349,26 @@ def _time(
     return times
 
 
-def _spread(times: dict[str, list[float]], method: str) -> str:
-    """The lowest and highest of the per-repeat ratios ``method / step`` (both timed within the
-    same repeat), as a measure of how much the machine moved the ratio during the run."""
-    ratios = sorted(t / s for t, s in zip(times[method], times["step"], strict=True))
-    return f"{ratios[0]:.2f}-{ratios[-1]:.2f}x"
+def _ratio(in_processes: list[dict[str, list[float]]], method: str) -> tuple[float, str]:
+    """``method``'s time as a ratio to the step's, and how much it moved.
+
+    Each process gives one ratio, of the medians of its repeats; the result is the median of
+    the processes' ratios. The step's time moves between processes (``iwmtl``'s took 1.6 or
+    2.0-2.4 ms, in two groups, and the ratio was lower in the slow ones), so one process's
+    ratio depends on which group it fell in; the median of three is steadier at the cost of the
+    same number of repeats. The spread gives each process's ratio and the lowest and highest of
+    the per-repeat ratios (the method and the step timed within the same repeat).
+    """
+    per_process = [
+        statistics.median(t[method]) / statistics.median(t["step"]) for t in in_processes
+    ]
+    per_repeat = sorted(
+        m / s for t in in_processes for m, s in zip(t[method], t["step"], strict=True)
+    )
+    spread = f"per repeat {per_repeat[0]:.2f}-{per_repeat[-1]:.2f}x"
+    if len(per_process) > 1:
+        spread = "per process " + "/".join(f"{r:.2f}" for r in per_process) + "x, " + spread
+    return statistics.median(per_process), spread
 
 
 def _peak_rss_bytes() -> int:
@@ -453,7 +469,9 @@ def _cell(ratio: float | None, memory: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one timed repeat, no memory")
+    parser.add_argument(
+        "--quick", action="store_true", help="one process, one timed repeat, no memory"
+    )
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), action="append")
     parser.add_argument(
         "--methods",
@@ -462,7 +480,13 @@ def main() -> None:
         default=list(METHODS),
         help="methods to compare (torchgram-vmap: torchgram without its batched run)",
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per process")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=3,
+        help="fresh processes per method and architecture (the ratio is their median)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--one-process",
@@ -477,6 +501,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
+    if args.quick:
+        args.processes = 1
     methods = list(args.methods)
     missing = _torchjd_missing()
     if missing and "torchjd" in methods:
@@ -489,29 +515,27 @@ def main() -> None:
         methods.insert(0, "step")  # the reference of every ratio
     rows = []
     for arch in args.arch or list(ARCHITECTURES):
+        others = [m for m in methods if m != "step"]
         if args.one_process:
-            groups = [_time_architecture(arch, methods, repeats)]
-        else:  # each method against the step, the pair in a fresh process of its own
-            others = [m for m in methods if m != "step"]
-            groups = [
-                _times_in_subprocess(arch, ["step", m], repeats, args.threads) for m in others
-            ]
-        ratios, spreads, step_seconds = {"step": 1.0}, {}, []
-        for times in groups:
-            step = statistics.median(times["step"])
-            step_seconds.append(step)
-            for m in times:
-                if m != "step":
-                    ratios[m] = statistics.median(times[m]) / step
-                    spreads[m] = _spread(times, m)
+            every = _time_architecture(arch, methods, repeats)
+            groups = {m: [{"step": every["step"], m: every[m]}] for m in others}
+        else:  # each method against the step, the pair in fresh processes of its own
+            groups = {m: [] for m in others}
+            for _ in range(args.processes):  # processes interleaved, so drifts hit all alike
+                for m in others:
+                    groups[m].append(_times_in_subprocess(arch, ["step", m], repeats, args.threads))
+        ratios, spreads = {"step": 1.0}, {}
+        step_seconds = [statistics.median(t["step"]) for g in groups.values() for t in g]
+        for m, in_processes in groups.items():
+            ratios[m], spreads[m] = _ratio(in_processes, m)
         memory = {
             m: None if args.quick else _memory_in_subprocess(m, arch, args.threads) for m in methods
         }
         rows.append((arch, statistics.median(step_seconds), ratios, memory))
-        cells = ", ".join(f"{m} {ratios[m]:.2f}x" for m in methods if m != "step")
+        cells = ", ".join(f"{m} {ratios[m]:.2f}x" for m in others)
         steps = ", ".join(f"{t * 1e3:.1f}" for t in step_seconds)
-        if repeats > 1:
-            cells += " (per-repeat: " + ", ".join(f"{m} {r}" for m, r in spreads.items()) + ")"
+        if repeats > 1 or len(step_seconds) > len(others):
+            cells += " (" + "; ".join(f"{m} {r}" for m, r in spreads.items()) + ")"
         print(f"{arch}: step {steps} ms; {cells}", flush=True)
     _print_table(rows, methods)
 
@@ -532,8 +556,8 @@ def _print_table(
     means = [f"{math.exp(statistics.fmean(math.log(r) for r in ratios[m])):.2f}x" for m in methods]
     print("| geometric mean | | " + " | ".join(means) + " |")
     print(
-        "\nCells: median time / median time of `step` (each method timed against the step in a "
-        "process of its own), peak RSS growth in a separate process."
+        "\nCells: median time / median time of `step` (each method timed against the step in "
+        "processes of its own, the median of their ratios), peak RSS growth in a separate process."
     )
 
 
