@@ -79,6 +79,45 @@ def test_batched_run_where_taps_hold_the_samples(runs) -> None:
     assert runs == ["batched", "vmap", "batched"] * 2
 
 
+# Ops whose taps go on their parameter arguments under vmap (norms' affine parameters, broadcast
+# scales and shifts): in the batched run they are tapped on their outputs, like any other use.
+def _layer_normed(p, x):
+    return F.layer_norm(F.linear(x, p["w"]), (DOUT,), p["b"], p["v"][1]) @ p["v"][0]
+
+
+def _group_normed(p, x):  # x [B, T, d_in] -> channels [B, d_out, T]
+    h = F.linear(x, p["w"]).transpose(1, 2)
+    return F.group_norm(h, 2, p["b"], p["v"][1]).sum(2) @ p["v"][0]
+
+
+def _rms_normed(p, x):
+    return F.rms_norm(torch.tanh(F.linear(x, p["w"])), (DOUT,), p["b"]) @ p["v"][0]
+
+
+def _scaled_and_shifted(p, x):  # broadcast mul, add, sub and both sides of a division
+    h = torch.tanh(F.linear(x, p["w"]) * p["b"] + p["v"][1]) - p["b"]
+    return (h / p["b"] + p["v"][1] / (h + 3)) @ p["v"][0]
+
+
+@pytest.mark.parametrize("fn", [_layer_normed, _group_normed, _rms_normed, _scaled_and_shifted])
+def test_batched_run_with_parameters_tapped_under_vmap(runs, fn) -> None:
+    p = _params()
+    x = torch.randn(B, T, DIN, dtype=D) if fn is _group_normed else torch.randn(B, DIN, dtype=D)
+    _exact(fn, p, x)
+    assert runs == ["batched", "vmap", "batched"]
+
+
+def _normed_twice(p, x):  # x [B, 16, d_in]: the norms' outputs hold far more than their weights
+    h = F.group_norm(F.linear(x, p["w"]).transpose(1, 2), 2, p["b"], p["v"][1])
+    return (h * p["v"][0][:, None]).sum((1, 2))
+
+
+def test_vmap_where_the_batched_run_would_hold_much_more(runs) -> None:
+    p = _params()
+    _exact(_normed_twice, p, torch.randn(B, 16, DIN, dtype=D))
+    assert runs == ["vmap", "vmap"]
+
+
 def test_samples_on_another_dimension(runs) -> None:
     p, x = _params(), torch.randn(T, B, DIN, dtype=D)
     _exact(_sequence_first, p, x, in_dims=1)
@@ -94,15 +133,11 @@ def _merged(p, x):  # x [B, T, d_in]: samples and tokens merged before the linea
     return torch.tanh(h).sum(1) @ p["v"][0]
 
 
-def _normed(p, x):  # taps on the norm's weight: per sample only under vmap
-    return F.layer_norm(F.linear(x, p["w"]), (DOUT,), p["b"]) @ p["v"][0]
-
-
 def _per_sample_loop(p, x):  # one use per sample: a different tape on the batch
     return torch.stack([torch.tanh(xi @ p["w"].T) @ p["v"][0] for xi in x.unbind(0)])
 
 
-@pytest.mark.parametrize("fn", [_parameter_only, _merged, _normed, _per_sample_loop])
+@pytest.mark.parametrize("fn", [_parameter_only, _merged, _per_sample_loop])
 def test_vmap_where_the_batched_run_does_not_fit(runs, fn) -> None:
     p = _params()
     x = torch.randn(B, T, DIN, dtype=D) if fn is _merged else torch.randn(B, DIN, dtype=D)

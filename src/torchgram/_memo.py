@@ -37,7 +37,8 @@ class Probed:
         shape: fn's output shape (given one sample with ``batch_dim``).
         samples_checked: Whether the sample check ran and passed.
         record_shapes: Shape of every recorded input of a use, in order.
-        on_params: Whether some use took its taps on its parameter arguments.
+        output_tap_shapes: The taps' shapes, dtypes and devices when every use is tapped on its
+            outputs (as in the batched run), in order.
         batched: Whether the batched run (fn on the whole batch, without ``vmap``) gave the
             result on this signature: None before it was tried.
         attention: Whether fn calls attention (``scaled_dot_product_attention``, or a function
@@ -51,7 +52,7 @@ class Probed:
     shape: torch.Size
     samples_checked: bool = False
     record_shapes: list[torch.Size] = field(default_factory=list)
-    on_params: bool = False
+    output_tap_shapes: TapShapes = field(default_factory=list)
     batched: bool | None = None
     attention: bool = True
     made_taps: bool = True

@@ -85,12 +85,11 @@ def probe(
     with refuse_mutation(caller):
         vjp(run, torch.zeros(()))
     records = [record.shape for record in tape.records]
-    on_params = any(use.on_params for use in tape.uses)
     return Probed(
         tape.tap_shapes,
         shapes[0],
         record_shapes=records,
-        on_params=on_params,
+        output_tap_shapes=tape.output_shapes,
         attention=tape.guard.attention,
     )
 

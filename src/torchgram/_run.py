@@ -467,20 +467,33 @@ def _linearise_vmapped(
 def _may_batch(options: Options, inputs: Inputs, probed: Probed, batch: int) -> bool:
     """Whether to try the batched run (see :mod:`torchgram._batched`): plain autograd must be
     possible (outside transforms and inference mode, with parameters that can have copies that
-    require grad: no inference tensors), every tap must go on an output (a tap on a parameter
-    argument would give the sum over samples, not each sample's gradient), and aux must not be
-    stacked from per-sample calls. The sample check must run or have passed: without it the
-    batched and the per-sample function may differ."""
+    require grad: no inference tensors), it must hold little more than the vmapped run (see
+    :func:`_holds_little_more`), and aux must not be stacked from per-sample calls. The sample
+    check must run or have passed: without it the batched and the per-sample function may
+    differ."""
     return (
         probed.batched is not False
         and batch >= 2
         and may_make_taps(inputs.params)
-        and not probed.on_params
+        and _holds_little_more(probed)
         and not options.has_aux
         and (options.check_samples or probed.samples_checked)
         and not inside_func_transform()
         and not torch.is_inference_mode_enabled()
     )
+
+
+def _holds_little_more(probed: Probed) -> bool:
+    """Whether the batched run holds at most a quarter more than the vmapped run (records and
+    cotangents, per sample). It taps every use on its outputs (a tap on a parameter argument
+    would give the sum over samples), so it keeps the outputs' cotangents of the uses that vmap
+    taps on their parameters (norms' affine parameters, broadcast scales and shifts), where vmap
+    keeps their per-sample gradients. A transformer's layer norms add about a tenth; a ResNet's
+    group norms, one after every convolution, add a third, and double what its taps hold."""
+    records = sum(shape.numel() for shape in probed.record_shapes)
+    batched = records + sum(shape.numel() for shape, _, _ in probed.output_tap_shapes)
+    vmapped = records + sum(shape.numel() for shape, _, _ in probed.tap_shapes)
+    return 4 * batched <= 5 * vmapped
 
 
 def _linearise_batched(
@@ -489,7 +502,7 @@ def _linearise_batched(
     """fn on the whole batch without vmap; None where that cannot stand in for the vmapped run
     (then it is made under vmap, which gives the result or the error)."""
     b = _check_output(probed.shape, options)
-    tape = Tape(inputs.params, None, options.caller, per_sample=True)
+    tape = Tape(inputs.params, None, options.caller, per_sample=True, on_outputs=True)
     several = _batched_attention(probed)
 
     def run(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
@@ -506,7 +519,7 @@ def _linearise_batched(
         return None  # only vmap gives each sample its own random draws
     out, records = reverse.out, reverse.aux
     shapes = [shape for shape, _, _ in tape.tap_shapes]
-    tap_dims = _sample_dims(shapes, [shape for shape, _, _ in probed.tap_shapes], batch)
+    tap_dims = _sample_dims(shapes, [shape for shape, _, _ in probed.output_tap_shapes], batch)
     record_dims = _sample_dims([r.shape for r in records], probed.record_shapes, batch)
     if tuple(out.shape) != (*probed.shape[:b], batch, *probed.shape[b + 1 :]):
         return None

@@ -13,7 +13,9 @@ A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
   taps yields the output cotangent of every use (with plain autograd it takes the output's
   gradient edge instead, and adds nothing); for ops whose parameters are small next to their
   output (norms' affine parameters, broadcast scales and biases: ``PARAMETER_TAPPED``) the taps go
-  on the parameter arguments instead, and the reverse pass yields their per-sample gradients.
+  on the parameter arguments instead, and the reverse pass yields their per-sample gradients
+  (under ``vmap``; fn run on the whole batch taps their outputs too, see ``Tape``'s
+  ``on_outputs``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ _CASTS = frozenset(
 )  # fmt: skip
 # Ops whose parameters are small next to their output (the affine parameters of norms; scales,
 # shifts and biases broadcast by elementwise ops): the taps go on the parameter arguments, so the
-# pull-back yields their per-sample gradients directly and the output cotangent is never kept.
+# pull-back yields their per-sample gradients directly and the output cotangent is never kept
+# (except in a run on the whole batch, where such a tap would give the sum over samples).
 PARAMETER_TAPPED = frozenset(
     {
         "layer_norm", "group_norm", "rms_norm",
@@ -189,6 +192,10 @@ def differentiable(value: Any) -> bool:
     return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
 
 
+def _shape(value: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+    return value.shape, value.dtype, value.device
+
+
 def positions(index: Tensor | None, shape: torch.Size) -> Tensor:
     """Flat leaf positions of a region: ``index``, or the whole leaf in its layout when None."""
     return torch.arange(shape.numel()).view(shape) if index is None else index
@@ -203,6 +210,11 @@ class Tape(TorchFunctionMode):
         caller: How to name the public call in error messages.
         per_sample: Whether ``batch_dim`` is set: ops that mix samples are refused then.
         vmapped: Whether ``fn`` runs under ``vmap`` over the samples (see :meth:`_call`).
+        on_outputs: Whether every use is tapped on its outputs, ``PARAMETER_TAPPED`` ops too (fn
+            on the whole batch, where a tap on a parameter would give the sum over samples).
+
+    Whatever the taps, :attr:`output_shapes` gives the shapes the taps would have on the
+    outputs of every use (what a run ``on_outputs`` is checked against).
     """
 
     def __init__(
@@ -212,11 +224,13 @@ class Tape(TorchFunctionMode):
         caller: str,
         per_sample: bool,
         vmapped: bool = False,
+        on_outputs: bool = False,
     ) -> None:
         super().__init__()
         self.caller = caller
         self.guard = Guard(caller, per_sample)
         self.vmapped = vmapped
+        self.on_outputs = on_outputs
         self._given = tuple(params)
         self._given_views = {
             id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(self._given)
@@ -247,6 +261,7 @@ class Tape(TorchFunctionMode):
         self.uses: list[Use] = []
         self.records: list[Tensor] = []
         self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+        self.output_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         # with copies, fn may still read the given leaves from a closure while the copies go
         # through its argument: a use of either is a use of the leaf
         self._views: dict[int, ParamView] = dict(self._given_views)
@@ -291,7 +306,7 @@ class Tape(TorchFunctionMode):
             if self._same_value(out, leaves[0]):  # a cast to what it already is
                 return out
             return self._record(func, leaves, spec, slots, out)
-        if name in PARAMETER_TAPPED:  # before stepping inside (``__rdiv__`` is a function)
+        if name in PARAMETER_TAPPED and not self.on_outputs:  # before stepping inside
             return self._record_on_params(func, leaves, spec, slots)
         if isinstance(func, FunctionType) and any(
             check in func.__code__.co_names for check in _DISPATCH_CHECKS
@@ -386,6 +401,7 @@ class Tape(TorchFunctionMode):
         use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
         self.uses.append(use)
         for i in tapped:
+            self.output_shapes.append(_shape(out_leaves[i]))
             # an output that is one of the op's inputs has no gradient edge of its own
             own = self.made is not None and all(out_leaves[i] is not x for x in leaves)
             out_leaves[i] = self._tap(out_leaves[i], output=own)
@@ -402,7 +418,11 @@ class Tape(TorchFunctionMode):
         for i in slots:
             tapped[i] = self._tap(leaves[i])
         args, kwargs = optree.tree_unflatten(spec, tapped)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.output_shapes.extend(
+            _shape(v) for v in optree.tree_leaves(out, none_is_leaf=True) if differentiable(v)
+        )
+        return out
 
     def _store(self, leaves: list[Any], slots: list[int]) -> tuple[list[Any], list[int]]:
         """A use's leaves with ParamView and DataRef in place of tensors (the data recorded),
@@ -423,7 +443,7 @@ class Tape(TorchFunctionMode):
         """``value`` with its tap (``output``: ``value`` is a new output of the op, none of its
         arguments, so that its gradient edge is its own)."""
         position = len(self.tap_shapes)
-        self.tap_shapes.append((value.shape, value.dtype, value.device))
+        self.tap_shapes.append(_shape(value))
         taps = self.taps
         if taps is not None and (position >= len(taps) or taps[position].shape != value.shape):
             raise TapeMismatch(self.caller)
