@@ -3,6 +3,8 @@ on one dimension, exact there, and made again under vmap everywhere else."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,22 +82,30 @@ def test_batched_run_where_taps_hold_the_samples(runs) -> None:
 
 
 # Ops whose taps go on their parameter arguments under vmap (norms' affine parameters, broadcast
-# scales and shifts): in the batched run they are tapped on their outputs, like any other use.
-def _layer_normed(p, x):
-    return F.layer_norm(F.linear(x, p["w"]), (DOUT,), p["b"], p["v"][1]) @ p["v"][0]
+# scales and shifts): in the batched run they are tapped on their outputs, like any other use,
+# where fn calls attention (whose fused kernels vmap cannot batch).
+def _attend(h):  # self-attention over the last-but-one dimension (a single token for [B, d])
+    tokens = h if h.dim() == 3 else h.unsqueeze(-2)
+    mixed = F.scaled_dot_product_attention(tokens, tokens, tokens)
+    return mixed if h.dim() == 3 else mixed.squeeze(-2)
+
+
+def _layer_normed(p, x, attend=_attend):
+    h = F.layer_norm(attend(F.linear(x, p["w"])), (DOUT,), p["b"], p["v"][1])
+    return h @ p["v"][0]
 
 
 def _group_normed(p, x):  # x [B, T, d_in] -> channels [B, d_out, T]
-    h = F.linear(x, p["w"]).transpose(1, 2)
+    h = _attend(F.linear(x, p["w"])).transpose(1, 2)
     return F.group_norm(h, 2, p["b"], p["v"][1]).sum(2) @ p["v"][0]
 
 
 def _rms_normed(p, x):
-    return F.rms_norm(torch.tanh(F.linear(x, p["w"])), (DOUT,), p["b"]) @ p["v"][0]
+    return F.rms_norm(_attend(torch.tanh(F.linear(x, p["w"]))), (DOUT,), p["b"]) @ p["v"][0]
 
 
 def _scaled_and_shifted(p, x):  # broadcast mul, add, sub and both sides of a division
-    h = torch.tanh(F.linear(x, p["w"]) * p["b"] + p["v"][1]) - p["b"]
+    h = torch.tanh(_attend(F.linear(x, p["w"])) * p["b"] + p["v"][1]) - p["b"]
     return (h / p["b"] + p["v"][1] / (h + 3)) @ p["v"][0]
 
 
@@ -107,14 +117,20 @@ def test_batched_run_with_parameters_tapped_under_vmap(runs, fn) -> None:
     assert runs == ["batched", "vmap", "batched"]
 
 
-def _normed_twice(p, x):  # x [B, 16, d_in]: the norms' outputs hold far more than their weights
-    h = F.group_norm(F.linear(x, p["w"]).transpose(1, 2), 2, p["b"], p["v"][1])
+def _normed_twice(p, x):  # x [B, 16, d_in]: the norm's output holds far more than its weights
+    h = F.group_norm(_attend(F.linear(x, p["w"])).transpose(1, 2), 2, p["b"], p["v"][1])
     return (h * p["v"][0][:, None]).sum((1, 2))
 
 
 def test_vmap_where_the_batched_run_would_hold_much_more(runs) -> None:
     p = _params()
     _exact(_normed_twice, p, torch.randn(B, 16, DIN, dtype=D))
+    assert runs == ["vmap", "vmap"]
+
+
+def test_vmap_for_norms_without_attention(runs) -> None:  # the generic rule would cost more
+    p = _params()
+    _exact(functools.partial(_layer_normed, attend=lambda h: h), p, torch.randn(B, DIN, dtype=D))
     assert runs == ["vmap", "vmap"]
 
 

@@ -467,15 +467,15 @@ def _linearise_vmapped(
 def _may_batch(options: Options, inputs: Inputs, probed: Probed, batch: int) -> bool:
     """Whether to try the batched run (see :mod:`torchgram._batched`): plain autograd must be
     possible (outside transforms and inference mode, with parameters that can have copies that
-    require grad: no inference tensors), it must hold little more than the vmapped run (see
-    :func:`_holds_little_more`), and aux must not be stacked from per-sample calls. The sample
+    require grad: no inference tensors), it must pay where uses are tapped on their parameters
+    (see :func:`_batched_pays`), and aux must not be stacked from per-sample calls. The sample
     check must run or have passed: without it the batched and the per-sample function may
     differ."""
     return (
         probed.batched is not False
         and batch >= 2
         and may_make_taps(inputs.params)
-        and _holds_little_more(probed)
+        and _batched_pays(probed)
         and not options.has_aux
         and (options.check_samples or probed.samples_checked)
         and not inside_func_transform()
@@ -483,17 +483,27 @@ def _may_batch(options: Options, inputs: Inputs, probed: Probed, batch: int) -> 
     )
 
 
-def _holds_little_more(probed: Probed) -> bool:
-    """Whether the batched run holds at most a quarter more than the vmapped run (records and
-    cotangents, per sample). It taps every use on its outputs (a tap on a parameter argument
-    would give the sum over samples), so it keeps the outputs' cotangents of the uses that vmap
-    taps on their parameters (norms' affine parameters, broadcast scales and shifts), where vmap
-    keeps their per-sample gradients. A transformer's layer norms add about a tenth; a ResNet's
-    group norms, one after every convolution, add a third, and double what its taps hold."""
+def _batched_pays(probed: Probed) -> bool:
+    """Whether the batched run is worth it where some use is tapped on its parameters under
+    vmap (norms' affine parameters, broadcast scales and shifts). The batched run taps every use
+    on its outputs (a tap on a parameter argument would give the sum over samples), so it keeps
+    those outputs' cotangents, where vmap keeps their per-sample gradients, and their gradients
+    come from the generic rule (the op's per-sample vjp). It is taken where
+
+    - fn calls attention, whose fused kernels vmap cannot batch (under vmap it runs the math
+      kernel): the benchmark's transformer, 1.56x -> 1.26x a step; without attention the
+      generic rule costs more than vmap saves (an MLP with two layer norms: 8.3-8.6 against
+      6.2-7.2 ms);
+    - and it holds at most a quarter more records and cotangents per sample: a transformer's
+      layer norms add about a tenth; a ResNet's group norms, one after every convolution, a
+      third (batched: 309 against 250 MiB, and no faster).
+    """
+    if probed.tap_shapes == probed.output_tap_shapes:
+        return True  # no use is tapped on its parameters
     records = sum(shape.numel() for shape in probed.record_shapes)
-    batched = records + sum(shape.numel() for shape, _, _ in probed.output_tap_shapes)
     vmapped = records + sum(shape.numel() for shape, _, _ in probed.tap_shapes)
-    return 4 * batched <= 5 * vmapped
+    batched = records + sum(shape.numel() for shape, _, _ in probed.output_tap_shapes)
+    return probed.attention and 4 * batched <= 5 * vmapped
 
 
 def _linearise_batched(
