@@ -467,6 +467,13 @@ def _cell(ratio: float | None, memory: float | None) -> str:
     return text
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -480,10 +487,10 @@ def main() -> None:
         default=list(METHODS),
         help="methods to compare (torchgram-vmap: torchgram without its batched run)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per process")
+    parser.add_argument("--repeats", type=_positive, default=3, help="timed repeats per process")
     parser.add_argument(
         "--processes",
-        type=int,
+        type=_positive,
         default=3,
         help="fresh processes per method and architecture (the ratio is their median)",
     )

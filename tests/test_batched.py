@@ -1,5 +1,6 @@
 """The batched run (fn on the whole batch, without vmap): taken where every tap holds the samples
-on one dimension, exact there, and made again under vmap everywhere else."""
+on one dimension (and, with uses that vmap taps on their parameters, where that pays), exact
+there, and made again under vmap everywhere else."""
 
 from __future__ import annotations
 

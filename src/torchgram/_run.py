@@ -10,9 +10,11 @@ Two runs of ``fn`` (see :mod:`torchgram._probe` for the first):
    samples are then compared with fn run on them as one batch, which catches ops that mix
    samples. Outside transforms, where every tap holds the samples on one dimension, the run is
    fn on the whole batch instead, without vmap's cost on every op (see
-   :mod:`torchgram._batched`). The first such run on each signature is compared with the
-   vmapped run (their outputs: the sample check; their Gramians: the batched run's rows must be
-   the samples), and is used on that signature only if both agree.
+   :mod:`torchgram._batched`; uses that vmap taps on their parameters are tapped on their
+   outputs there, where that pays: :func:`_batched_pays`). The first such run on each
+   signature is compared with the vmapped run (their outputs: the sample check; their
+   Gramians: the batched run's rows must be the samples), and is used on that signature only if
+   both agree.
 
 One reverse pass then pulls back one one-hot cotangent per non-batch output element (batched),
 which gives the cotangents ``[K, B, ...]`` of every tap: of a use's output, or, for a use tapped

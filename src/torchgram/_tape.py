@@ -192,7 +192,8 @@ def differentiable(value: Any) -> bool:
     return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
 
 
-def _shape(value: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+def _tap_meta(value: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+    """Shape, dtype and device of a tapped tensor."""
     return value.shape, value.dtype, value.device
 
 
@@ -401,7 +402,7 @@ class Tape(TorchFunctionMode):
         use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
         self.uses.append(use)
         for i in tapped:
-            self.output_shapes.append(_shape(out_leaves[i]))
+            self.output_shapes.append(_tap_meta(out_leaves[i]))
             # an output that is one of the op's inputs has no gradient edge of its own
             own = self.made is not None and all(out_leaves[i] is not x for x in leaves)
             out_leaves[i] = self._tap(out_leaves[i], output=own)
@@ -420,7 +421,7 @@ class Tape(TorchFunctionMode):
         args, kwargs = optree.tree_unflatten(spec, tapped)
         out = func(*args, **kwargs)
         self.output_shapes.extend(
-            _shape(v) for v in optree.tree_leaves(out, none_is_leaf=True) if differentiable(v)
+            _tap_meta(v) for v in optree.tree_leaves(out, none_is_leaf=True) if differentiable(v)
         )
         return out
 
@@ -443,7 +444,7 @@ class Tape(TorchFunctionMode):
         """``value`` with its tap (``output``: ``value`` is a new output of the op, none of its
         arguments, so that its gradient edge is its own)."""
         position = len(self.tap_shapes)
-        self.tap_shapes.append(_shape(value))
+        self.tap_shapes.append(_tap_meta(value))
         taps = self.taps
         if taps is not None and (position >= len(taps) or taps[position].shape != value.shape):
             raise TapeMismatch(self.caller)
