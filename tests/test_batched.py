@@ -129,6 +129,13 @@ def test_vmap_where_the_batched_run_would_hold_much_more(runs) -> None:
     assert runs == ["vmap", "vmap"]
 
 
+def test_batched_where_the_inputs_dwarf_the_extra_cotangents(runs) -> None:
+    torch.manual_seed(1)
+    p = {**_params(), "w": torch.randn(DOUT, 200, dtype=D)}  # the records: 200 per token
+    _exact(_normed_twice, p, torch.randn(B, 16, 200, dtype=D))
+    assert runs == ["batched", "vmap", "batched"]
+
+
 def test_vmap_for_norms_without_attention(runs) -> None:  # the generic rule would cost more
     p = _params()
     _exact(functools.partial(_layer_normed, attend=lambda h: h), p, torch.randn(B, DIN, dtype=D))
