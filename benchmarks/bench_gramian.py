@@ -439,7 +439,7 @@ def _times_in_subprocess(
 ) -> dict[str, list[float]]:
     """:func:`_time` of some methods on one architecture, in a fresh process.
 
-    The run times each method against the step, the pair in a process of its own, because what
+    The run times each method against the step, the pair in processes of its own, because what
     else runs in a process moves the ratios, and not alike for all methods (the allocator's and
     the caches' state). Timed in one process with TorchJD and the per-sample recipe (which
     allocate 400-650 MiB per call on these models), ``iwmtl`` and ``mtl-batch-none`` measured

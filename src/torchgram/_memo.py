@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from torchgram._pytree import Inputs
+from torchgram._tape import TapShape
 
 Tensor = torch.Tensor
 
-TapShapes = list[tuple[torch.Size, torch.dtype, torch.device]]
+TapShapes = list[TapShape]
 
 
 @dataclass

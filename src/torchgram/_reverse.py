@@ -36,12 +36,11 @@ from torch.autograd.graph import GradientEdge
 from torch.func import vjp, vmap
 
 from torchgram._guards import NeedsTransform
-from torchgram._tape import TapeMismatch
+from torchgram._tape import TapeMismatch, TapShape
 
 Tensor = torch.Tensor
 Tap = Tensor | GradientEdge
 
-TapShape = tuple[torch.Size, torch.dtype, torch.device]
 # made(params) -> (out, aux, taps, shapes): a run that makes its own taps (see linearise_made_taps)
 MadeRun = Callable[[tuple[Tensor, ...]], tuple[Tensor, Any, list[Tap], list[TapShape]]]
 # run(taps, watch) -> (out, aux); watch: the run is plain autograd (see torchgram._guards)

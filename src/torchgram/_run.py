@@ -46,7 +46,6 @@ from torchgram._probe import check_taps, probe, refuse_mutation, split_output
 from torchgram._pytree import Inputs
 from torchgram._reverse import (
     Tap,
-    TapShape,
     active_transforms,
     inside_func_transform,
     linearise_made_taps,
@@ -56,7 +55,7 @@ from torchgram._reverse import (
 )
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
-from torchgram._tape import Tape, TapeMismatch, Use
+from torchgram._tape import Tape, TapeMismatch, TapShape, Use
 
 Tensor = torch.Tensor
 

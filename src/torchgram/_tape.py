@@ -192,7 +192,10 @@ def differentiable(value: Any) -> bool:
     return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
 
 
-def _tap_meta(value: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+TapShape = tuple[torch.Size, torch.dtype, torch.device]
+
+
+def _tap_meta(value: Tensor) -> TapShape:
     """Shape, dtype and device of a tapped tensor."""
     return value.shape, value.dtype, value.device
 
@@ -214,8 +217,9 @@ class Tape(TorchFunctionMode):
         on_outputs: Whether every use is tapped on its outputs, ``PARAMETER_TAPPED`` ops too (fn
             on the whole batch, where a tap on a parameter would give the sum over samples).
 
-    Whatever the taps, :attr:`output_shapes` gives the shapes the taps would have on the
-    outputs of every use (what a run ``on_outputs`` is checked against).
+    A shape-only run (the probe: no taps, none made) also gives in :attr:`output_shapes` the
+    shapes the taps would have on the outputs of every use (what a run ``on_outputs`` is checked
+    against).
     """
 
     def __init__(
@@ -261,8 +265,9 @@ class Tape(TorchFunctionMode):
         self.made: list[Tensor | GradientEdge] | None = [] if make_taps else None
         self.uses: list[Use] = []
         self.records: list[Tensor] = []
-        self.tap_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
-        self.output_shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+        self.tap_shapes: list[TapShape] = []
+        self.output_shapes: list[TapShape] = []
+        self._shapes_only = taps is None and not make_taps  # the probe: output_shapes too
         # with copies, fn may still read the given leaves from a closure while the copies go
         # through its argument: a use of either is a use of the leaf
         self._views: dict[int, ParamView] = dict(self._given_views)
@@ -401,8 +406,9 @@ class Tape(TorchFunctionMode):
         stored, data = self._store(leaves, slots)
         use = Use(func, spec, stored, data, slots, out_spec, tapped, len(self.tap_shapes))
         self.uses.append(use)
+        if self._shapes_only:
+            self.output_shapes.extend(_tap_meta(out_leaves[i]) for i in tapped)
         for i in tapped:
-            self.output_shapes.append(_tap_meta(out_leaves[i]))
             # an output that is one of the op's inputs has no gradient edge of its own
             own = self.made is not None and all(out_leaves[i] is not x for x in leaves)
             out_leaves[i] = self._tap(out_leaves[i], output=own)
@@ -420,9 +426,9 @@ class Tape(TorchFunctionMode):
             tapped[i] = self._tap(leaves[i])
         args, kwargs = optree.tree_unflatten(spec, tapped)
         out = func(*args, **kwargs)
-        self.output_shapes.extend(
-            _tap_meta(v) for v in optree.tree_leaves(out, none_is_leaf=True) if differentiable(v)
-        )
+        if self._shapes_only:
+            outs = optree.tree_leaves(out, none_is_leaf=True)
+            self.output_shapes.extend(_tap_meta(v) for v in outs if differentiable(v))
         return out
 
     def _store(self, leaves: list[Any], slots: list[int]) -> tuple[list[Any], list[int]]:
