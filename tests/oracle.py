@@ -37,3 +37,27 @@ def row_by_row_gramian(fn: Callable[..., Any], params: Any, *args: Any) -> torch
     ]
     J = torch.stack(rows)
     return J @ J.T
+
+
+def differentiable_gramian(fn: Callable[..., Any], params: Any, *args: Any) -> torch.Tensor:
+    """``[m, m]`` Gramian from one ``torch.autograd.grad(create_graph=True)`` per output
+    element, differentiable with respect to the leaves of ``params`` (which must require grad):
+    the oracle for gradients of the Gramian where ``jacrev``'s are wrong (layer_norm's affine
+    weight in torch 2.13: its vmapped pull-back, differentiated again)."""
+    leaves = optree.tree_leaves(params)
+    out = fn(params, *args).reshape(-1)
+    rows = []
+    for i in range(out.numel()):
+        grads = torch.autograd.grad(
+            out[i], leaves, retain_graph=True, create_graph=True, allow_unused=True
+        )
+        rows.append(
+            torch.cat(
+                [
+                    torch.zeros(leaf.numel(), dtype=out.dtype) if g is None else g.reshape(-1)
+                    for g, leaf in zip(grads, leaves, strict=True)
+                ]
+            )
+        )
+    J = torch.stack(rows)
+    return J @ J.T

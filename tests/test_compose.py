@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import flat_gramian
+import torch.nn.functional as F
+from oracle import differentiable_gramian, flat_gramian
 from torch import nn
 from torch.func import functional_call, grad, jvp, stack_module_state, vmap
 
@@ -110,6 +111,54 @@ def test_plain_autograd_of_trace_equals_oracle() -> None:
     )
     for name, p in params.items():
         assert torch.allclose(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+
+
+_NORMS = {
+    "layer_norm": lambda h, p: F.layer_norm(h, (6,), p["scale"], p["shift"]),
+    "group_norm": lambda h, p: F.group_norm(h, 2, p["scale"], p["shift"]),
+    "rms_norm": lambda h, p: F.rms_norm(h, (6,), p["scale"]) + p["shift"],
+}
+
+
+@pytest.mark.parametrize("norm", sorted(_NORMS))
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("how", ["autograd", "func.grad"])
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_gradient_of_the_gramian_through_norms(norm, batch_dim, how, outputs) -> None:
+    """Gradients of G where a linear layer feeds a norm whose affine parameters are tapped on
+    the parameters. The oracle is autograd row by row: jacrev's own double backward through
+    layer_norm's weight is wrong in torch 2.13, and so was torchgram's vmap over the output rows
+    of a pull-back inside torch.func (batch_dim=None, layer_norm); with plain autograd,
+    group_norm's batched pull-back that builds a graph raised a size mismatch."""
+    torch.manual_seed(0)
+    D = torch.float64
+    params = {
+        "w": torch.randn(6, 6, dtype=D),
+        "scale": torch.randn(6, dtype=D),
+        "shift": torch.randn(6, dtype=D),
+        "v": torch.randn(6, outputs, dtype=D),
+    }
+    x = torch.randn(4, 6, dtype=D)
+
+    def fn(p, x):
+        out = _NORMS[norm](torch.tanh(F.linear(x, p["w"])), p) @ p["v"]
+        return out.squeeze(-1) if outputs == 1 else out
+
+    def loss(G):
+        return torchgram.flatten(G).pow(2).sum()
+
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    expected = torch.autograd.grad(
+        loss(differentiable_gramian(fn, leaves, x)), list(leaves.values())
+    )
+    if how == "autograd":
+        G = torchgram.gramian(fn, leaves, x, batch_dim=batch_dim)
+        ours = torch.autograd.grad(loss(G), list(leaves.values()))
+    else:
+        found = grad(lambda p: loss(torchgram.gramian(fn, p, x, batch_dim=batch_dim)))(params)
+        ours = tuple(found.values())
+    for name, a, b in zip(params, ours, expected, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), name
 
 
 def test_inside_no_grad_and_with_inputs_requiring_grad() -> None:

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -55,18 +55,21 @@ class Reverse:
         out: fn's output (detached unless ``differentiable``).
         aux: What the run returned beside the output (tensors detached unless differentiable).
         differentiable: Whether the output depends on tensors that require grad outside the run.
-        pull: ``pull(rows, batched)`` gives the cotangents of every tap for the cotangent rows
-            ``[R, *out.shape]`` of the output (``batched``), each ``[R, ...]``, or for one row
-            ``[*out.shape]`` (not ``batched``). Call it once: it frees the forward's graph.
+        pull: ``pull(rows, batched, keep=False)`` gives the cotangents of every tap for the
+            cotangent rows ``[R, *out.shape]`` of the output (``batched``), each ``[R, ...]``,
+            or for one row ``[*out.shape]`` (not ``batched``). It frees the forward's graph
+            unless ``keep`` (then it may be called again).
         made: Whether the run made its own taps (see :func:`linearise_made_taps`); None when
             it did not try.
+        functional: Whether the reverse pass is ``torch.func.vjp``'s (else plain autograd's).
     """
 
     out: Tensor
     aux: Any
     differentiable: bool
-    pull: Callable[[Tensor, bool], tuple[Tensor, ...]]
+    pull: Callable[..., tuple[Tensor, ...]]
     made: bool | None = None
+    functional: bool = False
 
 
 def linearise_taps(
@@ -81,7 +84,7 @@ def linearise_taps(
     used where plain autograd is."""
     if not taps:
         out, aux = run(taps, False)
-        return Reverse(out, aux, False, lambda rows, batched: ())
+        return Reverse(out, aux, False, lambda rows, batched, keep=False: ())
     if not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
             if made is None or not may_make_taps(params):
@@ -99,27 +102,32 @@ class Unmade(Exception):
     made under inference mode, which autograd cannot save once the copies require grad)."""
 
 
-def pull_back(reverse: Reverse, per_sample: torch.Size) -> list[Tensor]:
+def pull_back(reverse: Reverse, per_sample: torch.Size, row_by_row: bool = False) -> list[Tensor]:
     """Cotangents ``[K, B, ...]`` of every tap, for the K one-hot rows of each sample (``K`` =
-    ``per_sample.numel()``, the output of one sample having shape ``per_sample``)."""
+    ``per_sample.numel()``, the output of one sample having shape ``per_sample``), pulled back
+    all at once (batched), or one row at a time where ``row_by_row``."""
     out = reverse.out
     rows = per_sample.numel()
     if rows == 1:
         return [c.unsqueeze(0) for c in reverse.pull(torch.ones_like(out), False)]
     eye = torch.eye(rows, dtype=out.dtype, device=out.device).reshape(rows, *per_sample)
-    return list(reverse.pull(eye.expand(rows, *out.shape), True))
+    eye = eye.expand(rows, *out.shape)
+    if row_by_row:
+        pulled = _row_by_row(lambda row: reverse.pull(row, False, keep=True), eye)
+        return cast(list[Tensor], list(pulled))  # pull gives zeros for unused taps, never None
+    return list(reverse.pull(eye, True))
 
 
 def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     out, pullback, aux = vjp(lambda t: run(t, False), taps, has_aux=True)  # type: ignore[misc]
     differentiable = torch.is_grad_enabled() and out.requires_grad
-    once = functools.partial(pullback, retain_graph=False, create_graph=differentiable)
 
-    def pull(rows: Tensor, batched: bool) -> tuple[Tensor, ...]:
+    def pull(rows: Tensor, batched: bool, keep: bool = False) -> tuple[Tensor, ...]:
+        once = functools.partial(pullback, retain_graph=keep, create_graph=differentiable)
         (cotangents,) = vmap(once)(rows) if batched else once(rows)
         return tuple(cotangents)
 
-    return Reverse(out, aux, differentiable, pull)
+    return Reverse(out, aux, differentiable, pull, functional=True)
 
 
 def may_make_taps(params: tuple[Tensor, ...]) -> bool:
@@ -180,19 +188,27 @@ def _autograd_reverse(
         size, dtype, device = shape
         return torch.zeros((*lead, *size), dtype=dtype, device=device)
 
-    def pull(rows: Tensor, batched: bool) -> tuple[Tensor, ...]:
+    def pull(rows: Tensor, batched: bool, keep: bool = False) -> tuple[Tensor, ...]:
         lead = (rows.shape[0],) if batched else ()
         if not out.requires_grad:  # fn's output depends on no tap
             return tuple(zeros(lead, shape) for shape in shapes)
-        grads = torch.autograd.grad(
+        grad = functools.partial(
+            torch.autograd.grad,
             out,
             taps,  # type: ignore[arg-type]  # tensors and edges together are fine
-            rows,
-            retain_graph=differentiable,  # the new graph reaches into the forward's
+            retain_graph=differentiable or keep,  # a new graph reaches into the forward's
             create_graph=differentiable,
             allow_unused=True,
-            is_grads_batched=batched,
         )
+        grads: tuple[Tensor | None, ...]
+        try:
+            grads = grad(rows, is_grads_batched=batched)
+        except RuntimeError:
+            # torch 2.13 cannot batch group_norm's backward that builds a graph (a size
+            # mismatch); such a pull-back retained the forward's graph: row by row instead
+            if not (batched and differentiable):
+                raise
+            grads = _row_by_row(grad, rows)
         return tuple(  # a tap the output does not depend on (a use only aux needs): zeros
             zeros(lead, shape) if g is None else g for g, shape in zip(grads, shapes, strict=True)
         )
@@ -204,6 +220,17 @@ def _autograd_reverse(
         lambda x: x.detach() if isinstance(x, Tensor) else x, aux, none_is_leaf=True
     )
     return Reverse(out.detach(), aux, False, pull)
+
+
+def _row_by_row(
+    pull: Callable[[Tensor], tuple[Tensor | None, ...]], rows: Tensor
+) -> tuple[Tensor | None, ...]:
+    """``pull`` of each row of ``rows`` in turn (keeping the forward's graph), stacked (None
+    stays None: a tap the output does not depend on)."""
+    each = [pull(row) for row in rows]
+    return tuple(
+        parts[0] if parts[0] is None else torch.stack(parts) for parts in zip(*each, strict=True)
+    )
 
 
 def _needs_grad_beyond(roots: list[Tensor], leaves: tuple[Tensor, ...]) -> bool:
