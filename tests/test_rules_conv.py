@@ -110,6 +110,39 @@ def test_every_form_in_blocks(monkeypatch, form, chunk, groups, rows, stride) ->
     check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
 
 
+def test_pixel_form_blocks_stay_within_the_chunk() -> None:
+    """The pixel form builds, for each block of samples, the products of every pair of input
+    pixels: with 'valid' padding a sample has many more pixels than output positions, so the
+    blocks are sized by the pixels too, and nothing it builds exceeds ``max_chunk_bytes``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torchgram._factors_conv import Conv
+
+    torch.manual_seed(0)
+    D = torch.float64
+    x = torch.randn(4, 1, 2, 12, 12, dtype=D)  # [B, N, C_in, H, W]: 145 pixels with the zero
+    dy = torch.randn(1, 4, 1, 3, 8, 8, dtype=D)  # kernel 5, no padding: 64 output positions
+    conv = Conv(None, x, dy, (5, 5), (1, 1), (0, 0), (1, 1), 1)
+    chunk = 2**18  # room for two samples a side by the output positions alone
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.nbytes = max(self.nbytes, t.numel() * t.element_size())
+            return out
+
+    with Largest() as largest:
+        G = conv._ghost(chunk, pixels=True)
+    assert largest.nbytes <= chunk
+    assert torch.allclose(G, conv._ghost(2**30, pixels=False), rtol=1e-10)
+
+
 def _force_form(monkeypatch, form: str | bool) -> None:
     """Force the conv factors' form: ``"patches"``, ``"pixels"`` (ghost forms; pixels need
     stride 1, patches are used otherwise) or ``"materialised"``; True or False for ghost on

@@ -183,7 +183,10 @@ def ghost_gramian(
 
 
 def ghost_from_similarity(
-    similarity: Callable[[slice, slice], Tensor], D: Tensor, chunk_bytes: int
+    similarity: Callable[[slice, slice], Tensor],
+    D: Tensor,
+    chunk_bytes: int,
+    similarity_elements: int = 0,
 ) -> Tensor:
     """``G[(k,i),(l,j)] = sum_ts S[i,t,j,s] <D[k,i,t], D[l,j,s]>``, by blocks of samples.
 
@@ -191,7 +194,10 @@ def ghost_from_similarity(
         similarity: ``(samples i, samples j) -> S [b_i*T, b_j*T]`` for two slices of samples
             (``<A[i,t], A[j,s]>`` for a linear map, token equality for an embedding).
         D: ``[K, B, T, d_out]``.
-        chunk_bytes: Largest block of ``[K, b, T, K, b, T]`` products built at once.
+        chunk_bytes: Largest block of ``[K, b, T, K, b, T]`` products built at once, with
+            what ``similarity`` builds for it.
+        similarity_elements: How many elements ``similarity`` builds per pair of samples
+            beyond ``S`` itself (the pixel form of a convolution: its pixel products).
 
     Returns:
         ``[K*B, K*B]``.
@@ -204,7 +210,7 @@ def ghost_from_similarity(
         dtype = torch.promote_types(S.dtype, D.dtype)  # under autocast they may differ
         SD = torch.matmul(S.to(dtype), D[:, 0].to(dtype))  # [K, T, d]
         return D.reshape(K, -1).to(dtype) @ SD.reshape(K, -1).T
-    per_pair = 2 * K * K * T * T * D.element_size()
+    per_pair = (2 * K * K * T * T + similarity_elements) * D.element_size()
     block = max(1, min(B, math.isqrt(max(chunk_bytes // per_pair, 1))))
     if block >= B:
         return _ghost_block(similarity(whole, whole), D, D).reshape(K * B, K * B)

@@ -243,8 +243,12 @@ class Conv:
         D = self.dy.movedim(3, -1).reshape(K, B, -1, G, C_out // G)
         if pixels:
             index = self._pixel_index()
+            T, M = D.shape[2], self.x.shape[1] * (math.prod(self.x.shape[3:]) + 1)
+            built = M * M + T * M  # per pair of samples: pixel products, then rows gathered
             parts = [
-                ghost_from_similarity(self._pixel_similarity(g, index), D[..., g, :], chunk_bytes)
+                ghost_from_similarity(
+                    self._pixel_similarity(g, index), D[..., g, :], chunk_bytes, built
+                )
                 for g in range(G)
             ]
         else:
