@@ -208,6 +208,35 @@ def test_transposed_and_chunked_uses_of_one_leaf() -> None:
         assert_close(flatten(G), flat_gramian(fn, {"w": w}, x))
 
 
+@pytest.mark.parametrize(
+    "identity",
+    [
+        lambda w: w.conj(),
+        lambda w: torch.nn.functional.dropout(w, 0.5, training=False),
+        lambda w: torch.nn.functional.dropout(w, 0.0),
+    ],
+    ids=["conj", "dropout-eval", "dropout-p0"],
+)
+def test_ops_that_return_the_parameter_itself(identity) -> None:
+    """An op that returns its parameter argument itself (conj of a real tensor, dropout that
+    drops nothing) is no use of it: the parameter is used where its result is."""
+    w = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def fn(params, x):
+        return torch.tanh(x @ identity(params["w"]).T).pow(2).sum(-1)
+
+    expected = flat_gramian(fn, {"w": w}, x)
+    for batch_dim in (0, None):
+        transform = torchgram.gramian_of(fn, batch_dim=batch_dim)
+        for _ in range(2):  # the first call and a remembered one (the batched run)
+            assert_close(flatten(transform({"w": w}, x)), expected)
+    out, vjp_fn, _ = torchgram.vjp_and_gramian(fn, {"w": w}, x, batch_dim=0)
+    weights = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(fn({"w": w.requires_grad_()}, x), w, weights)
+    assert torch.allclose(vjp_fn(weights)["w"], grad, rtol=1e-10)
+
+
 def test_module_called_directly_with_its_own_parameters() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     model = model.double()

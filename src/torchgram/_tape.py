@@ -8,7 +8,8 @@ A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
   primitive ops they are made of are what gets recorded;
 - records every other op that consumes a parameter or a view of one as a :class:`Use`: the op, its
   non-parameter inputs (returned from the run so that they outlive ``vmap``), and the shapes of its
-  floating-point outputs;
+  floating-point outputs (an op that returns the parameter view itself, such as dropout that drops
+  nothing, is no use: the view goes on);
 - adds a zero "tap" to each such output (second run), so that one reverse pass with respect to the
   taps yields the output cotangent of every use (with plain autograd it takes the output's
   gradient edge instead, and adds nothing); for ops whose parameters are small next to their
@@ -319,7 +320,10 @@ class Tape(TorchFunctionMode):
         ):
             with self:
                 return _without_dispatch(func)(*args, **kwargs)
-        return self._record(func, leaves, spec, slots, self._call(func, name, args, kwargs))
+        out = self._call(func, name, args, kwargs)
+        if any(out is leaves[i] for i in slots):  # the parameter view itself: no use
+            return out  # (dropout in eval mode, conj of a real tensor, ...)
+        return self._record(func, leaves, spec, slots, out)
 
     def _call(self, func: Callable[..., Any], name: str, args: Any, kwargs: dict) -> Any:
         """``func(*args, **kwargs)``, except a linear map with a bias under ``vmap`` (one sample
