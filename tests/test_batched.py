@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import functools
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import flat_gramian
+from oracle import flat_gramian, jacobian_matrix
 
 import torchgram
 from torchgram import _run
@@ -259,6 +260,24 @@ def test_randomness_keeps_the_vmapped_run_after_a_passed_check(runs) -> None:
     noisy[0] = True
     transform(p, x)
     assert runs == ["vmap"]  # each sample draws its own noise
+
+
+@pytest.mark.parametrize("fn", [_mlp, _layer_normed, _scaled_and_shifted])
+def test_jd_grad_from_the_batched_run(runs, fn) -> None:
+    """The JD direction from the batched run's tape (no second backward) is ``Jᵀ w`` with the
+    weights of its Gramian, on the first call (after the comparison with the vmapped run) and on
+    the remembered one (the batched run alone)."""
+    p = _params()
+    x = torch.randn(B, DIN, dtype=D)
+    J = jacobian_matrix(fn, p, x)
+    expected_weights = torchgram.weightings.upgrad(J @ J.T)
+    expected = expected_weights @ J
+    step = torchgram.jd_grad(fn, torchgram.weightings.upgrad, batch_dim=0)
+    for _ in range(2):
+        direction = step(p, x)
+        flat = torch.cat([leaf.reshape(-1) for leaf in optree.tree_leaves(direction)])
+        assert torch.allclose(flat, expected, rtol=1e-8, atol=1e-10)
+    assert runs == ["batched", "vmap", "batched"]
 
 
 def test_sample_dim_and_stacking() -> None:
