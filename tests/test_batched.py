@@ -119,6 +119,39 @@ def test_batched_run_with_parameters_tapped_under_vmap(runs, fn) -> None:
     assert runs == ["batched", "vmap", "batched"]
 
 
+_LAYER_NORMS = {
+    "weight-and-bias": lambda h, p: F.layer_norm(h, (DOUT,), p["b"], p["v"][1]),
+    "weight": lambda h, p: F.layer_norm(h, (DOUT,), p["b"], eps=1e-3),
+    "bias": lambda h, p: F.layer_norm(h, (DOUT,), None, p["v"][1]),
+    "two-dims": lambda h, p: F.layer_norm(h, (T, DOUT), p["v"][:, None].expand(2, T, DOUT)[0]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_LAYER_NORMS))
+def test_layer_norm_rule_in_the_batched_run(runs, monkeypatch, variant) -> None:
+    """Tapped on its output (the batched run), layer_norm's affine parameters take the closed
+    form (``_rules.norm``), exact against the oracle."""
+    from torchgram import _rules
+
+    rule = _rules.RULES["layer_norm"]
+    taken: list[bool] = []
+
+    def spy(*args):
+        found = rule(*args)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setitem(_rules.RULES, "layer_norm", spy)
+    norm = _LAYER_NORMS[variant]
+
+    def fn(p, x):  # x [B, T, d_in]
+        return norm(_attend(F.linear(x, p["w"])), p).pow(2).sum((1, 2))
+
+    _exact(fn, _params(), torch.randn(B, T, DIN, dtype=D))
+    assert runs == ["batched", "vmap", "batched"]
+    assert taken and all(taken)
+
+
 def _normed_twice(p, x):  # x [B, 16, d_in]: the norm's output holds far more than its weights
     h = F.group_norm(_attend(F.linear(x, p["w"])).transpose(1, 2), 2, p["b"], p["v"][1])
     return (h * p["v"][0][:, None]).sum((1, 2))

@@ -30,6 +30,15 @@ _RANDOM_OPS = frozenset(
     {"bernoulli", "rand_like", "randn_like", "randint_like", "normal", "multinomial", "rand"}
     | {"randn", "randint", "randperm", "native_dropout", "uniform_", "normal_", "bernoulli_"}
 )
+# Norms whose affine weight torch 2.13's vmap gets wrong in a pull-back that is differentiated
+# again (vmap over rows or samples of the vjp with respect to the weight): where the Gramian is
+# differentiated, the rows are pulled back, and these ops' gradients made, one at a time.
+WEIGHTED_NORMS = frozenset(
+    {
+        "layer_norm", "native_layer_norm", "batch_norm", "native_batch_norm", "instance_norm",
+        "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    }
+)  # fmt: skip
 # In-place operators and item assignment (the other in-place ops end with "_").
 _IN_PLACE_DUNDERS = frozenset(
     {
@@ -104,6 +113,7 @@ class Guard:
         self.per_sample = per_sample
         self.random = False
         self.attention = False
+        self.weighted_norm = False  # a norm of WEIGHTED_NORMS with tensors beside its input
         self.watch = False  # whether writes into tensors fn did not create are handed back
         self._created: set[int] = set()
         self._recorded: set[int] = set()
@@ -112,6 +122,7 @@ class Guard:
         """A fresh run (``watch``: it is plain autograd)."""
         self.random = False
         self.attention = False
+        self.weighted_norm = False
         self.watch = watch
         self._created.clear()
         self._recorded.clear()
@@ -138,6 +149,8 @@ class Guard:
             self._batch_norm(func, args, kwargs)
         elif "attention" in name or "transformer" in name:
             self.attention = True  # scaled_dot_product_attention, maybe inside
+        if name in WEIGHTED_NORMS and not self.weighted_norm:
+            self.weighted_norm = any(isinstance(v, Tensor) for v in (*args[1:], *kwargs.values()))
         if not (writes(name, kwargs) or writes_input(func, args, kwargs)):
             return
         target = kwargs.get("out", args[0] if args else None)

@@ -120,7 +120,7 @@ def pull_back(reverse: Reverse, per_sample: torch.Size, row_by_row: bool = False
 
 def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     out, pullback, aux = vjp(lambda t: run(t, False), taps, has_aux=True)  # type: ignore[misc]
-    differentiable = torch.is_grad_enabled() and out.requires_grad
+    differentiable = torch.is_grad_enabled() and tracked(out)
 
     def pull(rows: Tensor, batched: bool, keep: bool = False) -> tuple[Tensor, ...]:
         once = functools.partial(pullback, retain_graph=keep, create_graph=differentiable)
@@ -255,6 +255,23 @@ def _needs_grad_beyond(roots: list[Tensor], leaves: tuple[Tensor, ...]) -> bool:
     return False
 
 
+def tracked(tensor: Tensor) -> bool:
+    """Whether ``tensor`` requires grad (from plain autograd or ``torch.func.grad``), also
+    beneath the wrappers of an outer ``vmap``, which report False (an ensemble whose stacked
+    parameters require grad: the Gramian must keep its graph to them)."""
+    while not tensor.requires_grad:
+        if _is_batched is None or not _is_batched(tensor):
+            return False
+        tensor = _get_unwrapped(tensor)
+    return True
+
+
+def forward_mode() -> bool:
+    """Whether a ``torch.func.jvp`` (forward-mode) transform is active: it differentiates the
+    Gramian without any tensor requiring grad."""
+    return any("Jvp" in key for key in active_transforms() or [])
+
+
 def active_transforms() -> list[str] | None:
     """The keys of the active ``torch.func`` transforms, innermost last (None: cannot tell)."""
     try:
@@ -277,3 +294,8 @@ try:
     from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
 except ImportError:  # pragma: no cover - older torch
     _peek_interpreter_stack = None  # type: ignore[assignment]
+try:
+    from torch._C._functorch import get_unwrapped as _get_unwrapped
+    from torch._C._functorch import is_batchedtensor as _is_batched
+except ImportError:  # pragma: no cover - older torch
+    _is_batched = None  # type: ignore[assignment]

@@ -48,6 +48,7 @@ from torchgram._reverse import (
     Reverse,
     Tap,
     active_transforms,
+    forward_mode,
     inside_func_transform,
     linearise_made_taps,
     linearise_taps,
@@ -223,7 +224,7 @@ def _linearise_whole(
     out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
-    apart = _rows_apart(reverse, tape.uses)
+    apart = _rows_apart(reverse, tape)
     cotangents = pull_back(reverse, out.shape, row_by_row=apart) if taps else []
     return Linearised(
         out,
@@ -237,18 +238,15 @@ def _linearise_whole(
     )
 
 
-def _rows_apart(reverse: Reverse, uses: list[Use]) -> bool:
-    """Whether the output rows are pulled back one at a time: under ``torch.func.vjp``, where
-    the Gramian is differentiated and fn uses layer_norm's affine weight (tapped on it). There
-    torch 2.13's ``vmap`` over the rows of a pull-back of the whole batch gives the right
-    gradients of the weight, but wrong derivatives of them (of the Gramian) with respect to
-    layer_norm's input: 5.1e3 off in a test, against the loop of ``autograd.grad`` over rows
-    and the closed form. (jacrev has the same fault; a run vmapped over the samples has not.)"""
-    return (
-        reverse.functional
-        and reverse.differentiable
-        and any(use.on_params and use.name == "layer_norm" for use in uses)
-    )
+def _rows_apart(reverse: Reverse, tape: Tape) -> bool:
+    """Whether the output rows are pulled back one at a time: where the Gramian is
+    differentiated (by autograd, ``torch.func.grad`` or ``jvp``) and fn calls a norm with an
+    affine weight (``torchgram._guards.WEIGHTED_NORMS``). There torch 2.13's ``vmap`` over the
+    rows of a pull-back gives the right gradients of the weight but wrong derivatives of them
+    (of the Gramian): layer_norm's under ``torch.func`` with ``batch_dim=None`` were 5.1e3 off,
+    against the loop of ``autograd.grad`` over rows and the closed form (jacrev has the same
+    fault)."""
+    return tape.weighted_norm and (reverse.differentiable or forward_mode())
 
 
 def _batch_size(inputs: Inputs, options: Options) -> int:
@@ -475,7 +473,8 @@ def _linearise_vmapped(
             _check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
         probed.samples_checked = True
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    cotangents = pull_back(reverse, per_sample) if taps else []
+    apart = _rows_apart(reverse, tape)
+    cotangents = pull_back(reverse, per_sample, row_by_row=apart) if taps else []
     return Linearised(
         out, aux, tape.uses, list(records), cotangents, inputs.params, b, options.chunk_bytes
     )
@@ -553,7 +552,8 @@ def _linearise_batched(
     if tap_dims is None or SHARED in tap_dims or record_dims is None:
         return None  # a tap without samples would need one tap per sample: vmap's
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    cotangents = pull_back(reverse, per_sample) if shapes else []
+    apart = _rows_apart(reverse, tape)
+    cotangents = pull_back(reverse, per_sample, row_by_row=apart) if shapes else []
     return Linearised(
         out,
         None,

@@ -280,6 +280,12 @@ class Tape(TorchFunctionMode):
         self.guard.start(watch)
 
     @property
+    def weighted_norm(self) -> bool:
+        """Whether fn called a norm whose weight vmap's double backward gets wrong (see
+        ``torchgram._guards.WEIGHTED_NORMS``)."""
+        return self.guard.weighted_norm
+
+    @property
     def random(self) -> bool:
         """Whether fn used randomness in this run (then the sample check is skipped)."""
         return self.guard.random

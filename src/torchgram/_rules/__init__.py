@@ -7,6 +7,7 @@ generic rule, exact for every op, takes over. One module per family of ops:
 - :mod:`.linear`: ``linear``, ``matmul``/``mm``/``@``, ``einsum``;
 - :mod:`.conv`: ``conv1d``/``conv2d``/``conv3d``;
 - :mod:`.embedding`: ``embedding``;
+- :mod:`.norm`: ``layer_norm`` tapped on its output (the batched run);
 - :mod:`.generic`: everything else (the per-op per-sample vjp).
 
 Uses whose taps went on their parameter arguments (``Use.on_params``: norms' affine parameters,
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from torchgram._factors import Dense
-from torchgram._rules import conv, embedding, linear
+from torchgram._rules import conv, embedding, linear, norm
 from torchgram._rules.common import Contribution, Rule
 from torchgram._rules.generic import generic_factors
 from torchgram._tape import Use
@@ -31,6 +32,7 @@ RULES: dict[str, Rule] = {
     **linear.RULES,
     **conv.RULES,
     **embedding.RULES,
+    **norm.RULES,
 }
 
 __all__ = ["RULES", "generic_factors", "rule_names", "use_factors"]
