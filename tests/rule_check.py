@@ -12,8 +12,9 @@ from oracle import flat_gramian, jacobian_matrix
 
 import torchgram
 import torchgram._rules as rules
+from torchgram._linearised import Options
 from torchgram._pytree import split_inputs
-from torchgram._run import Options, linearise
+from torchgram._run import linearise
 
 
 def rule_counts(fn: Callable[..., Any], params: Any, *args: Any, batch_dim=0) -> dict:

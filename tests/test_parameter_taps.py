@@ -139,8 +139,9 @@ def test_a_parameter_used_twice_in_one_op_and_in_a_matmul(monkeypatch) -> None:
 
 def test_parameter_taps_hold_per_sample_gradients_not_output_cotangents() -> None:
     """The cotangents a group norm leaves are [K, B, C] per parameter, not [K, B, C, H, W]."""
+    from torchgram._linearised import Options
     from torchgram._pytree import split_inputs
-    from torchgram._run import Options, linearise
+    from torchgram._run import linearise
 
     norm = nn.GroupNorm(2, 4).double()
     params = {k: v.detach() for k, v in norm.named_parameters()}

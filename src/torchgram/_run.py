@@ -29,18 +29,15 @@ training loop runs fn once per step.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import optree
 import torch
 from torch.func import vmap
 
-from torchgram._assemble import gramian_of_factors, weighted_gradients
 from torchgram._batched import SHARED, as_stacked, sample_dim
-from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
+from torchgram._linearised import Linearised, Options
 from torchgram._memo import Probed, Probes, signature
 from torchgram._probe import check_taps, probe, refuse_mutation, split_output
 from torchgram._pytree import Inputs
@@ -55,84 +52,10 @@ from torchgram._reverse import (
     may_make_taps,
     pull_back,
 )
-from torchgram._rules import use_factors
-from torchgram._shapes import generalize
-from torchgram._tape import Tape, TapeMismatch, TapShape, Use
+from torchgram._samples import agree, check_samples, compare
+from torchgram._tape import Tape, TapeMismatch, TapShape
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class Linearised:
-    """What one run leaves behind: the output, and every use with its inputs and cotangents.
-
-    Attributes:
-        out: fn's output ``S``.
-        aux: fn's auxiliary output (None without has_aux).
-        uses: The recorded uses.
-        records: The data inputs of the uses, each ``[B, ...]``.
-        cotangents: For each tap (a use's output, or its parameter arguments), ``[K, B, ...]``.
-        params: The flattened parameter leaves.
-        batch_dim: Where the samples lie in ``out``, or None (then ``B = 1``).
-        chunk_bytes: Largest intermediate the rules may build at once (see ``Options``).
-    """
-
-    out: Tensor
-    aux: Any
-    uses: list[Use]
-    records: list[Tensor]
-    cotangents: list[Tensor]
-    params: tuple[Tensor, ...]
-    batch_dim: int | None
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-
-    @functools.cached_property
-    def contributions(self) -> list[tuple[int, Factor]]:
-        """``(leaf, factor)`` for every parameter argument of every use (computed once)."""
-        contributions = []
-        for use in self.uses:
-            cotangents = self.cotangents[use.first_tap : use.first_tap + len(use.tapped)]
-            contributions.extend(use_factors(use, self.records, cotangents))
-        return contributions
-
-    def gramian(self, release: bool = False) -> Tensor:
-        """The generalized Gramian ``S + S[::-1]``.
-
-        ``release``: let go of the factors, and of the records and cotangents they hold, leaf by
-        leaf as the Gramian is assembled, so that memory falls instead of rising; :meth:`vjp`
-        cannot be called after.
-        """
-        contributions = self.contributions
-        if release:
-            del self.contributions
-            self.records, self.cotangents = [], []
-        flat = gramian_of_factors(
-            contributions, self.params, self.out.numel(), self.chunk_bytes, release=release
-        )
-        return generalize(flat, self.out.shape, self.batch_dim)
-
-    def vjp(self, weights: Tensor) -> list[Tensor]:
-        """``sum_r weights[r] d out[r] / d params`` per leaf, from the tape (fn is not run)."""
-        if self.batch_dim is None:
-            rows = weights.reshape(-1, 1)
-        else:
-            rows = weights.movedim(self.batch_dim, -1).reshape(-1, self.out.shape[self.batch_dim])
-        return weighted_gradients(self.contributions, self.params, rows)
-
-
-@dataclass(frozen=True)
-class Options:
-    """The keyword options of a transform, checked once.
-
-    ``chunk_bytes`` bounds the largest intermediate the rules build at once (blocks of ghost
-    products, per-sample gradients, unfolded patches): the public ``max_chunk_bytes``.
-    """
-
-    batch_dim: int | None
-    has_aux: bool
-    check_samples: bool
-    caller: str
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
 def linearise(
@@ -361,43 +284,6 @@ def _under_vmap() -> bool:
     return any("Vmap" in key for key in active_transforms() or [])
 
 
-def _check_samples(
-    fn: Callable[..., Any], inputs: Inputs, data: list[Any], per_sample: Tensor, options: Options
-) -> None:
-    """Compare fn run sample by sample with fn run on the same samples as one batch."""
-    batched, _ = split_output(inputs.call(fn, data), options.has_aux, options.caller)
-    _compare(batched, per_sample, options)
-
-
-def _compare(
-    batched: Tensor, per_sample: Tensor, options: Options, where: str = "on the first two samples"
-) -> None:
-    """Raise if fn's output on samples as one batch differs from its outputs on each."""
-    if batched.shape == per_sample.shape:
-        if _within_rounding(per_sample, batched, floor=1.0):
-            return
-        difference = (batched - per_sample).abs().max()
-        what = f"outputs differ by up to {float(difference):.3g}"
-    else:
-        what = f"shapes differ: {list(batched.shape)} on the batch, {list(per_sample.shape)}"
-    raise ValueError(
-        f"{options.caller}: fn does not treat samples independently: {where}, "
-        f"fn run sample by sample and fn run on them as one batch disagree ({what}). batch_dim "
-        "promises that sample i of the output depends only on sample i of the inputs; an op "
-        "that mixes samples (batch statistics, a mean or softmax over the batch, ...) breaks it. "
-        "Remove the mixing, or use batch_dim=None (exact for any fn), or pass "
-        "check_samples=False if the difference is expected (e.g. non-deterministic ops)."
-    )
-
-
-def _within_rounding(a: Tensor, b: Tensor, floor: float) -> bool:
-    """``|a - b| <= sqrt(eps) * max(max |b|, floor)`` everywhere (same shapes)."""
-    if not b.numel():
-        return True
-    scale = b.abs().max().clamp(min=floor)
-    return bool((a - b).abs().max() <= torch.finfo(b.dtype).eps ** 0.5 * scale)
-
-
 def _linearise_per_sample(
     fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
 ) -> Linearised:
@@ -423,11 +309,11 @@ def _verified(
     reorders the samples, or builds a parameter view whose shape depends on the batch size).
     Returns the one to use now."""
     with torch.no_grad():
-        _compare(batched.out.detach(), vmapped.out.detach(), options, "on the whole batch")
+        compare(batched.out.detach(), vmapped.out.detach(), options, "on the whole batch")
         probed.samples_checked = True
         expected = vmapped.gramian()
         try:
-            probed.batched = _agree(batched.gramian(), expected)
+            probed.batched = agree(batched.gramian(), expected)
         except Exception:  # the rules cannot replay a use of the batched run sample by sample
             probed.batched = False
     chosen = batched if probed.batched else vmapped
@@ -435,11 +321,6 @@ def _verified(
     # a graph (parameters or data that require grad)
     chosen.__dict__.pop("contributions", None)
     return chosen
-
-
-def _agree(a: Tensor, b: Tensor) -> bool:
-    """Whether two Gramians of fn agree up to rounding."""
-    return a.shape == b.shape and _within_rounding(a, b, floor=torch.finfo(b.dtype).tiny)
 
 
 def _linearise_vmapped(
@@ -470,7 +351,7 @@ def _linearise_vmapped(
     check = check and options.check_samples and not probed.samples_checked and batch >= 2
     if check and not tape.random and not _under_vmap():
         with torch.no_grad():
-            _check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
+            check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
         probed.samples_checked = True
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     apart = _rows_apart(reverse, tape)

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES
+from torchgram._linearised import Linearised, Options
 from torchgram._memo import Probes
 from torchgram._pytree import InDims, Inputs, normalize_argnums, split_inputs
-from torchgram._run import Linearised, Options, linearise
+from torchgram._run import linearise
 
 Tensor = torch.Tensor
 

@@ -1,0 +1,96 @@
+"""What a run of fn under the tape leaves behind (:class:`Linearised`), and a transform's options.
+
+A run (see :mod:`torchgram._run`) gives fn's output, every use of a parameter with its inputs
+(the records) and the cotangents of its taps. The rules turn those into factors, once, from which
+:meth:`Linearised.gramian` assembles the Gramian and :meth:`Linearised.vjp` the weighted
+gradients, without running fn again.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchgram._assemble import gramian_of_factors, weighted_gradients
+from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
+from torchgram._rules import use_factors
+from torchgram._shapes import generalize
+from torchgram._tape import Use
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Linearised:
+    """What one run leaves behind: the output, and every use with its inputs and cotangents.
+
+    Attributes:
+        out: fn's output ``S``.
+        aux: fn's auxiliary output (None without has_aux).
+        uses: The recorded uses.
+        records: The data inputs of the uses, each ``[B, ...]``.
+        cotangents: For each tap (a use's output, or its parameter arguments), ``[K, B, ...]``.
+        params: The flattened parameter leaves.
+        batch_dim: Where the samples lie in ``out``, or None (then ``B = 1``).
+        chunk_bytes: Largest intermediate the rules may build at once (see ``Options``).
+    """
+
+    out: Tensor
+    aux: Any
+    uses: list[Use]
+    records: list[Tensor]
+    cotangents: list[Tensor]
+    params: tuple[Tensor, ...]
+    batch_dim: int | None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @functools.cached_property
+    def contributions(self) -> list[tuple[int, Factor]]:
+        """``(leaf, factor)`` for every parameter argument of every use (computed once)."""
+        contributions = []
+        for use in self.uses:
+            cotangents = self.cotangents[use.first_tap : use.first_tap + len(use.tapped)]
+            contributions.extend(use_factors(use, self.records, cotangents))
+        return contributions
+
+    def gramian(self, release: bool = False) -> Tensor:
+        """The generalized Gramian ``S + S[::-1]``.
+
+        ``release``: let go of the factors, and of the records and cotangents they hold, leaf by
+        leaf as the Gramian is assembled, so that memory falls instead of rising; :meth:`vjp`
+        cannot be called after.
+        """
+        contributions = self.contributions
+        if release:
+            del self.contributions
+            self.records, self.cotangents = [], []
+        flat = gramian_of_factors(
+            contributions, self.params, self.out.numel(), self.chunk_bytes, release=release
+        )
+        return generalize(flat, self.out.shape, self.batch_dim)
+
+    def vjp(self, weights: Tensor) -> list[Tensor]:
+        """``sum_r weights[r] d out[r] / d params`` per leaf, from the tape (fn is not run)."""
+        if self.batch_dim is None:
+            rows = weights.reshape(-1, 1)
+        else:
+            rows = weights.movedim(self.batch_dim, -1).reshape(-1, self.out.shape[self.batch_dim])
+        return weighted_gradients(self.contributions, self.params, rows)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of a transform, checked once.
+
+    ``chunk_bytes`` bounds the largest intermediate the rules build at once (blocks of ghost
+    products, per-sample gradients, unfolded patches): the public ``max_chunk_bytes``.
+    """
+
+    batch_dim: int | None
+    has_aux: bool
+    check_samples: bool
+    caller: str
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
