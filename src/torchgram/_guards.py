@@ -79,6 +79,33 @@ def captured_write_error(caller: str, detail: str) -> ValueError:
     )
 
 
+def tracked(tensor: Tensor) -> bool:
+    """Whether ``tensor`` requires grad (plain autograd, ``torch.func.grad`` or ``vjp``), also
+    beneath the wrappers of an outer ``vmap``, which report False (an ensemble whose stacked
+    parameters require grad: the Gramian must keep its graph to them)."""
+    while not tensor.requires_grad:
+        if _is_batched is None or not _is_batched(tensor):
+            return False
+        tensor = _get_unwrapped(tensor)
+    return True
+
+
+def _variable(value: Any) -> bool:
+    """Whether ``value`` is a tensor that may depend on the parameters: it requires grad, or a
+    ``torch.func`` transform wraps it (a dual tensor of ``jvp`` requires no grad)."""
+    if not isinstance(value, Tensor):
+        return False
+    return tracked(value) or (_is_wrapped is not None and _is_wrapped(value))
+
+
+try:
+    from torch._C._functorch import get_unwrapped as _get_unwrapped
+    from torch._C._functorch import is_batchedtensor as _is_batched
+    from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+except ImportError:  # pragma: no cover - older torch
+    _is_batched = _is_wrapped = None  # type: ignore[assignment]
+
+
 def writes(name: str, kwargs: dict[str, Any]) -> bool:
     """Whether the op writes into one of its arguments (in place, or into ``out=``)."""
     in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
@@ -113,7 +140,7 @@ class Guard:
         self.per_sample = per_sample
         self.random = False
         self.attention = False
-        self.weighted_norm = False  # a norm of WEIGHTED_NORMS with tensors beside its input
+        self.weighted_norm = False  # a norm of WEIGHTED_NORMS whose weight or bias needs grad
         self.watch = False  # whether writes into tensors fn did not create are handed back
         self._created: set[int] = set()
         self._recorded: set[int] = set()
@@ -149,8 +176,8 @@ class Guard:
             self._batch_norm(func, args, kwargs)
         elif "attention" in name or "transformer" in name:
             self.attention = True  # scaled_dot_product_attention, maybe inside
-        if name in WEIGHTED_NORMS and not self.weighted_norm:
-            self.weighted_norm = any(isinstance(v, Tensor) for v in (*args[1:], *kwargs.values()))
+        if name in WEIGHTED_NORMS and not self.weighted_norm:  # a weight that may be a variable
+            self.weighted_norm = any(_variable(v) for v in (*args[1:], *kwargs.values()))
         if not (writes(name, kwargs) or writes_input(func, args, kwargs)):
             return
         target = kwargs.get("out", args[0] if args else None)

@@ -35,7 +35,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 from torch.func import vjp, vmap
 
-from torchgram._guards import NeedsTransform
+from torchgram._guards import NeedsTransform, tracked
 from torchgram._tape import TapeMismatch, TapShape
 
 Tensor = torch.Tensor
@@ -255,17 +255,6 @@ def _needs_grad_beyond(roots: list[Tensor], leaves: tuple[Tensor, ...]) -> bool:
     return False
 
 
-def tracked(tensor: Tensor) -> bool:
-    """Whether ``tensor`` requires grad (from plain autograd or ``torch.func.grad``), also
-    beneath the wrappers of an outer ``vmap``, which report False (an ensemble whose stacked
-    parameters require grad: the Gramian must keep its graph to them)."""
-    while not tensor.requires_grad:
-        if _is_batched is None or not _is_batched(tensor):
-            return False
-        tensor = _get_unwrapped(tensor)
-    return True
-
-
 def forward_mode() -> bool:
     """Whether a ``torch.func.jvp`` (forward-mode) transform is active: it differentiates the
     Gramian without any tensor requiring grad."""
@@ -294,8 +283,3 @@ try:
     from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
 except ImportError:  # pragma: no cover - older torch
     _peek_interpreter_stack = None  # type: ignore[assignment]
-try:
-    from torch._C._functorch import get_unwrapped as _get_unwrapped
-    from torch._C._functorch import is_batchedtensor as _is_batched
-except ImportError:  # pragma: no cover - older torch
-    _is_batched = None  # type: ignore[assignment]

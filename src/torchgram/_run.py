@@ -162,14 +162,15 @@ def _linearise_whole(
 
 
 def _rows_apart(reverse: Reverse, tape: Tape) -> bool:
-    """Whether the output rows are pulled back one at a time: where the Gramian is
-    differentiated (by autograd, ``torch.func.grad`` or ``jvp``) and fn calls a norm with an
-    affine weight (``torchgram._guards.WEIGHTED_NORMS``). There torch 2.13's ``vmap`` over the
-    rows of a pull-back gives the right gradients of the weight but wrong derivatives of them
-    (of the Gramian): layer_norm's under ``torch.func`` with ``batch_dim=None`` were 5.1e3 off,
+    """Whether the output rows are pulled back one at a time: under ``torch.func.vjp`` where the
+    Gramian is differentiated (an outer ``grad``, or ``jvp``) and fn calls a norm whose affine
+    weight depends on the parameters (``torchgram._guards.WEIGHTED_NORMS``). There torch 2.13's
+    ``vmap`` over the rows of a pull-back gives the right gradients of the weight but wrong
+    derivatives of them (of the Gramian): layer_norm's with ``batch_dim=None`` were 5.1e3 off,
     against the loop of ``autograd.grad`` over rows and the closed form (jacrev has the same
-    fault)."""
-    return tape.weighted_norm and (reverse.differentiable or forward_mode())
+    fault). Plain autograd's batched pull-back (``is_grads_batched``) is exact there."""
+    functional = reverse.functional and (reverse.differentiable or forward_mode())
+    return tape.weighted_norm and functional
 
 
 def _batch_size(inputs: Inputs, options: Options) -> int:
