@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -380,3 +381,32 @@ def test_autocast_without_batch_dim_several_rows() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         G = torchgram.gramian(fn, params, x)
     assert torch.allclose(G.float(), expected, rtol=0, atol=3e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_autocast_inside_fn(batch_dim, layer) -> None:
+    """Autocast entered inside fn: a map's input stays float32 while its output's cotangent is
+    bfloat16, and the rules run after fn, outside autocast (the products of mixed dtypes
+    failed). Each factor computes in the wider dtype, close to the Gramian without autocast."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+        x = torch.randn(4, 3, 5)
+    else:
+        model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 2, 3))
+        x = torch.randn(4, 3, 7)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fn(params, x, autocast=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return functional_call(model, params, (x,)).float().pow(2).sum((1, 2))
+
+    plain = functools.partial(fn, autocast=False)
+    expected = torchgram.gramian(plain, params, x, batch_dim=batch_dim)
+    # bfloat16 rounds a sample alone and in the batch differently: no sample check
+    transform = torchgram.gramian_of(fn, batch_dim=batch_dim, check_samples=False)
+    for _ in range(2):
+        G = transform(params, x)
+        assert G.dtype == torch.float32
+        assert torch.allclose(G, expected, rtol=0, atol=5e-2 * float(expected.abs().max()))

@@ -16,10 +16,11 @@ the ``[B, T, B, T]`` ghost products, per-sample gradients); work is split into c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -43,6 +44,17 @@ class Factor(Protocol):
     def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor: ...
 
 
+def common(factor: Any, *names: str) -> None:
+    """Cast the tensors ``names`` of a frozen factor to their promoted dtype. Under autocast
+    inside fn a map's input and its output's cotangent differ (float32 and bfloat16), and the
+    rules run after fn, outside autocast, where products of mixed dtypes fail."""
+    tensors = [getattr(factor, name) for name in names]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    for name, tensor in zip(names, tensors, strict=True):
+        if tensor.dtype != dtype:
+            object.__setattr__(factor, name, tensor.to(dtype))
+
+
 @dataclass(frozen=True)
 class Linear:
     """``g[k, i] = sum_t D[k, i, t]ᵀ A[i, t]``, a ``[d_out, d_in]`` gradient.
@@ -60,6 +72,9 @@ class Linear:
     A: Tensor
     D: Tensor
     bias: int | None = None
+
+    def __post_init__(self) -> None:
+        common(self, "A", "D")
 
     def transposed(self, index: Tensor) -> Factor:
         """The same gradients seen as ``[d_in, d_out]``, on the region ``index`` of that shape.

@@ -30,6 +30,7 @@ from torchgram._factors import (
     DEFAULT_CHUNK_BYTES,
     Dense,
     Factor,
+    common,
     ghost_cost,
     ghost_from_similarity,
     ghost_gramian,
@@ -72,6 +73,9 @@ class Conv:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
+
+    def __post_init__(self) -> None:
+        common(self, "x", "dy")
 
     def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]`` (needed whole, so built in
