@@ -16,7 +16,6 @@ the ``[B, T, B, T]`` ghost products, per-sample gradients); work is split into c
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,15 +43,15 @@ class Factor(Protocol):
     def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor: ...
 
 
-def common(factor: Any, *names: str) -> None:
-    """Cast the tensors ``names`` of a frozen factor to their promoted dtype. Under autocast
-    inside fn a map's input and its output's cotangent differ (float32 and bfloat16), and the
-    rules run after fn, outside autocast, where products of mixed dtypes fail."""
-    tensors = [getattr(factor, name) for name in names]
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    for name, tensor in zip(names, tensors, strict=True):
-        if tensor.dtype != dtype:
-            object.__setattr__(factor, name, tensor.to(dtype))
+def common(factor: Any, first: str, second: str) -> None:
+    """Cast two tensors of a frozen factor to their promoted dtype. Under autocast inside fn a
+    map's input and its output's cotangent differ (float32 and bfloat16), and the rules run
+    after fn, outside autocast, where products of mixed dtypes fail."""
+    a, b = getattr(factor, first), getattr(factor, second)
+    if a.dtype != b.dtype:
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        object.__setattr__(factor, first, a.to(dtype))
+        object.__setattr__(factor, second, b.to(dtype))
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ _RANDOM_OPS = frozenset(
     | {"randn", "randint", "randperm", "native_dropout", "uniform_", "normal_", "bernoulli_"}
 )
 # Norms whose affine weight torch 2.13's vmap gets wrong in a pull-back that is differentiated
-# again (vmap over rows or samples of the vjp with respect to the weight): where the Gramian is
-# differentiated, the rows are pulled back, and these ops' gradients made, one at a time.
+# again (vmap over the rows of the vjp with respect to the weight): where the Gramian is
+# differentiated under torch.func, the rows are pulled back one at a time (torchgram._run).
 WEIGHTED_NORMS = frozenset(
     {
         "layer_norm", "native_layer_norm", "batch_norm", "native_batch_norm", "instance_norm",

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import optree
 import torch
@@ -45,6 +45,12 @@ Tap = Tensor | GradientEdge
 MadeRun = Callable[[tuple[Tensor, ...]], tuple[Tensor, Any, list[Tap], list[TapShape]]]
 # run(taps, watch) -> (out, aux); watch: the run is plain autograd (see torchgram._guards)
 Run = Callable[[tuple[Tensor, ...], bool], tuple[Tensor, Any]]
+
+
+class Pull(Protocol):
+    """``pull(rows, batched, keep=False)``: see :class:`Reverse`."""
+
+    def __call__(self, rows: Tensor, batched: bool, keep: bool = False) -> tuple[Tensor, ...]: ...
 
 
 @dataclass
@@ -67,7 +73,7 @@ class Reverse:
     out: Tensor
     aux: Any
     differentiable: bool
-    pull: Callable[..., tuple[Tensor, ...]]
+    pull: Pull
     made: bool | None = None
     functional: bool = False
 
@@ -84,7 +90,7 @@ def linearise_taps(
     used where plain autograd is."""
     if not taps:
         out, aux = run(taps, False)
-        return Reverse(out, aux, False, lambda rows, batched, keep=False: ())
+        return Reverse(out, aux, False, _no_taps)
     if not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
             if made is None or not may_make_taps(params):
@@ -95,6 +101,10 @@ def linearise_taps(
         except NeedsTransform:  # fn may write into a tensor it did not create: let vjp tell
             pass
     return _by_vjp(run, taps)
+
+
+def _no_taps(rows: Tensor, batched: bool, keep: bool = False) -> tuple[Tensor, ...]:
+    return ()
 
 
 class Unmade(Exception):
@@ -255,10 +265,10 @@ def _needs_grad_beyond(roots: list[Tensor], leaves: tuple[Tensor, ...]) -> bool:
     return False
 
 
-def forward_mode() -> bool:
-    """Whether a ``torch.func.jvp`` (forward-mode) transform is active: it differentiates the
-    Gramian without any tensor requiring grad."""
-    return any("Jvp" in key for key in active_transforms() or [])
+def transform_active(kind: str) -> bool:
+    """Whether a ``torch.func`` transform of this kind is active (``"Vmap"``, ``"Jvp"``: a
+    forward mode, which differentiates the Gramian without any tensor requiring grad)."""
+    return any(kind in key for key in active_transforms() or [])
 
 
 def active_transforms() -> list[str] | None:

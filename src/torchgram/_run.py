@@ -44,13 +44,12 @@ from torchgram._pytree import Inputs
 from torchgram._reverse import (
     Reverse,
     Tap,
-    active_transforms,
-    forward_mode,
     inside_func_transform,
     linearise_made_taps,
     linearise_taps,
     may_make_taps,
     pull_back,
+    transform_active,
 )
 from torchgram._samples import agree, check_samples, compare
 from torchgram._tape import Tape, TapeMismatch, TapShape
@@ -147,8 +146,7 @@ def _linearise_whole(
     out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
-    apart = _rows_apart(reverse, tape)
-    cotangents = pull_back(reverse, out.shape, row_by_row=apart) if taps else []
+    cotangents = _pull_back(reverse, tape, out.shape) if taps else []
     return Linearised(
         out,
         aux,
@@ -161,16 +159,17 @@ def _linearise_whole(
     )
 
 
-def _rows_apart(reverse: Reverse, tape: Tape) -> bool:
-    """Whether the output rows are pulled back one at a time: under ``torch.func.vjp`` where the
-    Gramian is differentiated (an outer ``grad``, or ``jvp``) and fn calls a norm whose affine
-    weight depends on the parameters (``torchgram._guards.WEIGHTED_NORMS``). There torch 2.13's
+def _pull_back(reverse: Reverse, tape: Tape, per_sample: torch.Size) -> list[Tensor]:
+    """:func:`pull_back`, the rows one at a time under ``torch.func.vjp`` where the Gramian is
+    differentiated (an outer ``grad``, or ``jvp``) and fn calls a norm whose affine weight
+    depends on the parameters (``torchgram._guards.WEIGHTED_NORMS``). There torch 2.13's
     ``vmap`` over the rows of a pull-back gives the right gradients of the weight but wrong
     derivatives of them (of the Gramian): layer_norm's with ``batch_dim=None`` were 5.1e3 off,
     against the loop of ``autograd.grad`` over rows and the closed form (jacrev has the same
     fault). Plain autograd's batched pull-back (``is_grads_batched``) is exact there."""
-    functional = reverse.functional and (reverse.differentiable or forward_mode())
-    return tape.weighted_norm and functional
+    differentiated = reverse.differentiable or transform_active("Jvp")
+    apart = tape.weighted_norm and reverse.functional and differentiated
+    return pull_back(reverse, per_sample, row_by_row=apart)
 
 
 def _batch_size(inputs: Inputs, options: Options) -> int:
@@ -281,10 +280,6 @@ def _batchable_attention(needed: bool = True) -> contextlib.AbstractContextManag
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _under_vmap() -> bool:
-    return any("Vmap" in key for key in active_transforms() or [])
-
-
 def _linearise_per_sample(
     fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed
 ) -> Linearised:
@@ -350,13 +345,12 @@ def _linearise_vmapped(
     check_taps(tape, probed, options.caller)
     aux = box.unpack(aux)
     check = check and options.check_samples and not probed.samples_checked and batch >= 2
-    if check and not tape.random and not _under_vmap():
+    if check and not tape.random and not transform_active("Vmap"):
         with torch.no_grad():
             check_samples(fn, inputs, inputs.first(2), out.detach().narrow(b, 0, 2), options)
         probed.samples_checked = True
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    apart = _rows_apart(reverse, tape)
-    cotangents = pull_back(reverse, per_sample, row_by_row=apart) if taps else []
+    cotangents = _pull_back(reverse, tape, per_sample) if taps else []
     return Linearised(
         out, aux, tape.uses, list(records), cotangents, inputs.params, b, options.chunk_bytes
     )
@@ -386,7 +380,8 @@ def _batched_pays(probed: Probed) -> bool:
     vmap (norms' affine parameters, broadcast scales and shifts). The batched run taps every use
     on its outputs (a tap on a parameter argument would give the sum over samples), so it keeps
     those outputs' cotangents, where vmap keeps their per-sample gradients, and their gradients
-    come from the generic rule (the op's per-sample vjp). It is taken where
+    come from a rule (layer_norm's closed form, else the generic rule: the op's per-sample
+    vjp). It is taken where
 
     - fn calls attention, whose fused kernels vmap cannot batch (under vmap it runs the math
       kernel): the benchmark's transformer, 1.56x -> 1.26x a step; without attention the
@@ -434,8 +429,7 @@ def _linearise_batched(
     if tap_dims is None or SHARED in tap_dims or record_dims is None:
         return None  # a tap without samples would need one tap per sample: vmap's
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    apart = _rows_apart(reverse, tape)
-    cotangents = pull_back(reverse, per_sample, row_by_row=apart) if shapes else []
+    cotangents = pull_back(reverse, per_sample) if shapes else []  # plain autograd: exact
     return Linearised(
         out,
         None,

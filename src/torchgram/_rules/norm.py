@@ -35,9 +35,13 @@ def layer_norm_rule(
         p is None or isinstance(p, ParamView) for p in (weight, bias)
     ):
         return None
-    dims = len(torch.Size(shape if isinstance(shape, (list, tuple)) else (shape,)))
+    dims = len(shape) if isinstance(shape, (list, tuple)) else 1  # torch.Size is a tuple
     (cotangent,) = cotangents  # [K, B, *x]
     reduced = tuple(range(2, cotangent.dim() - dims))  # the leading dims of a sample
+
+    def per_sample(t: Tensor) -> Tensor:  # sum over them (sum(()) would sum everything)
+        return t.sum(reduced) if reduced else t
+
     out: list[Contribution] = []
     if weight is not None:
         record = records[x.record]
@@ -47,11 +51,10 @@ def layer_norm_rule(
         mean = h.mean(axes, keepdim=True)
         variance = (h - mean).pow(2).mean(axes, keepdim=True)
         normalised = (h - mean) * torch.rsqrt(variance + (1e-5 if eps is None else eps))
-        g = (cotangent.to(dtype) * normalised).sum(reduced) if reduced else cotangent * normalised
-        out.append((weight.leaf, Dense(weight.index, g.to(cotangent.dtype))))
+        g = per_sample(cotangent.to(dtype) * normalised).to(cotangent.dtype)
+        out.append((weight.leaf, Dense(weight.index, g)))
     if bias is not None:
-        g = cotangent.sum(reduced) if reduced else cotangent
-        out.append((bias.leaf, Dense(bias.index, g)))
+        out.append((bias.leaf, Dense(bias.index, per_sample(cotangent))))
     return out
 
 
