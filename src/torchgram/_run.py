@@ -101,12 +101,14 @@ class _Aux:
 def _zero_taps(
     shapes: list[tuple[torch.Size, torch.dtype, torch.device]], batch: int | None
 ) -> tuple[Tensor, ...]:
-    """One zero per tapped output: a broadcast scalar, so the taps take no memory."""
+    """One zero per tapped output: a broadcast scalar (one per dtype and device), so the taps
+    take no memory."""
     lead = () if batch is None else (batch,)
-    return tuple(
-        torch.zeros((), dtype=dtype, device=device).expand((*lead, *shape))
-        for shape, dtype, device in shapes
-    )
+    zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    for _, dtype, device in shapes:
+        if (dtype, device) not in zeros:
+            zeros[dtype, device] = torch.zeros((), dtype=dtype, device=device)
+    return tuple(zeros[dtype, device].expand((*lead, *shape)) for shape, dtype, device in shapes)
 
 
 def _linearise_whole(

@@ -196,6 +196,14 @@ def differentiable(value: Any) -> bool:
 TapShape = tuple[torch.Size, torch.dtype, torch.device]
 
 
+def _edge(value: Tensor, node: Any) -> GradientEdge:
+    """``get_gradient_edge(value)`` of an output with its own node, without its checks: a
+    node of a custom ``autograd.Function`` needs that function's ownership token."""
+    if isinstance(node, torch._C._FunctionBase):
+        return get_gradient_edge(value)
+    return GradientEdge(node, value.output_nr)
+
+
 def _tap_meta(value: Tensor) -> TapShape:
     """Shape, dtype and device of a tapped tensor."""
     return value.shape, value.dtype, value.device
@@ -465,8 +473,9 @@ class Tape(TorchFunctionMode):
         if taps is not None and (position >= len(taps) or taps[position].shape != value.shape):
             raise TapeMismatch(self.caller)
         if self.made is not None:
-            if output and value.grad_fn is not None:
-                self.made.append(get_gradient_edge(value))  # no op added: the output's own node
+            node = value.grad_fn if output else None
+            if node is not None:  # no op added: the output's own node
+                self.made.append(_edge(value, node))
                 return value
             made = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
             self.made.append(made.requires_grad_())

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from torchgram._factors import Dense, Linear
+from torchgram._factors import Dense, Linear, TokenSum
 from torchgram._rules.common import (
     Contribution,
     Rule,
@@ -44,8 +44,8 @@ def linear_rule(
         (weight.leaf, Linear(weight.index, A, D, bias.leaf if whole else None))
     ]
     if bias is not None:
-        summed = D[:, :, 0] if D.shape[2] == 1 else D.sum(dim=2)  # one token: a view, no sum
-        out.append((bias.leaf, Dense(bias.index, summed)))
+        one = D.shape[2] == 1  # one token: a view, no sum
+        out.append((bias.leaf, Dense(bias.index, D[:, :, 0]) if one else TokenSum(bias.index, D)))
     return out
 
 
