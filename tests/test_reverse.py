@@ -298,3 +298,69 @@ def test_aux_returns_the_callers_parameters(differentiable) -> None:
     assert not aux.requires_grad and aux.data_ptr() == W["w"].data_ptr()
     assert G.requires_grad == differentiable
     assert torch.allclose(torchgram.flatten(G), flat_gramian(lambda p, x: fn(p, x)[0], W, X))
+
+
+class _Scale(torch.autograd.Function):
+    """``x * w`` with its own backward, usable under torch.func (``setup_context``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w):
+        return x * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, g * x
+
+
+def _through_a_custom_function(params, x):
+    return torch.tanh(_Scale.apply(x @ params["w"], params["s"])) @ params["v"]  # [B, 2]
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_custom_autograd_function(paths, batch_dim) -> None:
+    """torch.func (and so the probe) sees a custom Function as one call, plain autograd sees the
+    ops of its forward: the run is made where it is seen as in the probe."""
+    params = {**W, "s": torch.randn(3, dtype=D)}
+    transform = torchgram.gramian_of(_through_a_custom_function, batch_dim=batch_dim)
+    expected = flat_gramian(_through_a_custom_function, params, X)
+    for _ in range(2):  # the first call probes, the second is a training loop's
+        G = transform(params, X)
+        assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10)
+    # without batch_dim under vjp; with it, plain autograd through vmap, which sees it as one call
+    assert paths == ["vjp" if batch_dim is None else "autograd"] * 2
+
+
+def test_batched_pull_back_matches_autograd_grad() -> None:
+    """The pull-back's own batching of the rows gives what ``autograd.grad(is_grads_batched=True)``
+    gives: for a tensor and a gradient edge, an unused tap (None), and with a graph."""
+    w = torch.randn(4, 3, dtype=D, requires_grad=True)
+    unused = torch.zeros(2, dtype=D, requires_grad=True)
+    h = X @ w
+    out = torch.tanh(h) @ torch.randn(3, 2, dtype=D)
+    taps = (w, torch.autograd.graph.get_gradient_edge(h), unused)
+    rows = torch.randn(3, *out.shape, dtype=D)
+    for create in (False, True):
+        mine = _reverse._grad(out, taps, rows, True, retain_graph=True, create_graph=create)
+        theirs = torch.autograd.grad(
+            out,
+            taps,
+            rows,
+            retain_graph=True,
+            create_graph=create,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        assert mine[2] is None and theirs[2] is None
+        for a, b in zip(mine[:2], theirs[:2], strict=True):
+            assert torch.equal(a, b)
+            assert a.requires_grad == create
+    (second,) = torch.autograd.grad(mine[0].sum(), w, retain_graph=True)  # create_graph's
+    (expected,) = torch.autograd.grad(theirs[0].sum(), w)
+    assert torch.allclose(second, expected, rtol=1e-12)

@@ -140,6 +140,7 @@ class Guard:
         self.per_sample = per_sample
         self.random = False
         self.attention = False
+        self.custom_function = False
         self.weighted_norm = False  # a norm of WEIGHTED_NORMS whose weight or bias needs grad
         self.watch = False  # whether writes into tensors fn did not create are handed back
         self._created: set[int] = set()
@@ -149,6 +150,7 @@ class Guard:
         """A fresh run (``watch``: it is plain autograd)."""
         self.random = False
         self.attention = False
+        self.custom_function = False
         self.weighted_norm = False
         self.watch = watch
         self._created.clear()
@@ -176,6 +178,8 @@ class Guard:
             self._batch_norm(func, args, kwargs)
         elif "attention" in name or "transformer" in name:
             self.attention = True  # scaled_dot_product_attention, maybe inside
+        elif name == "custom_function_call":  # an autograd.Function, as torch.func sees it
+            self.custom_function = True
         if name in WEIGHTED_NORMS and not self.weighted_norm:  # a weight that may be a variable
             self.weighted_norm = any(_variable(v) for v in (*args[1:], *kwargs.values()))
         if not (writes(name, kwargs) or writes_input(func, args, kwargs)):

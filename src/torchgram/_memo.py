@@ -44,6 +44,8 @@ class Probed:
             result on this signature: None before it was tried.
         attention: Whether fn calls attention (``scaled_dot_product_attention``, or a function
             that may call it out of the tape's sight), whose kernel must then be chosen.
+        custom_function: Whether fn calls a custom ``autograd.Function`` (then the real run is
+            made under ``torch.func``, which sees it as the probe did: one call).
         made_taps: Whether plain autograd without ``batch_dim`` may take the uses' outputs by
             their gradient edges (see :func:`torchgram._reverse.linearise_made_taps`): False
             once that failed on this signature.
@@ -56,6 +58,7 @@ class Probed:
     output_tap_shapes: TapShapes = field(default_factory=list)
     batched: bool | None = None
     attention: bool = True
+    custom_function: bool = False
     made_taps: bool = True
 
 

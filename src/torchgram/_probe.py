@@ -91,6 +91,7 @@ def probe(
         record_shapes=records,
         output_tap_shapes=tape.output_shapes,
         attention=tape.guard.attention,
+        custom_function=tape.guard.custom_function,
     )
 
 

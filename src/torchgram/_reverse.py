@@ -83,15 +83,18 @@ def linearise_taps(
     taps: tuple[Tensor, ...],
     made: MadeRun | None = None,
     params: tuple[Tensor, ...] = (),
+    autograd: bool = True,
 ) -> Reverse:
     """Run ``run(taps) -> (out, aux)`` so that cotangents can be pulled back to ``taps``.
 
     ``made``: the same run making its own taps (see :func:`linearise_made_taps`, on ``params``),
-    used where plain autograd is."""
+    used where plain autograd is. ``autograd``: whether plain autograd may be (False: fn calls a
+    custom ``autograd.Function``, whose forward's ops the tape sees under plain autograd, where
+    ``torch.func``, and so the probe, sees one ``custom_function_call``)."""
     if not taps:
         out, aux = run(taps, False)
         return Reverse(out, aux, False, _no_taps)
-    if not (inside_func_transform() or torch.is_inference_mode_enabled()):
+    if autograd and not (inside_func_transform() or torch.is_inference_mode_enabled()):
         try:
             if made is None or not may_make_taps(params):
                 return _by_autograd(run, taps)

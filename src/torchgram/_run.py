@@ -142,7 +142,13 @@ def _linearise_whole(
         return out, aux, tape.made or [], tape.tap_shapes
 
     with refuse_mutation(options.caller):
-        reverse = linearise_taps(run, taps, made if probed.made_taps else None, inputs.params)
+        reverse = linearise_taps(
+            run,
+            taps,
+            made if probed.made_taps else None,
+            inputs.params,
+            autograd=not probed.custom_function,
+        )
     if reverse.made is False:  # not tried again on this signature
         probed.made_taps = False
     out, (records, aux) = reverse.out, reverse.aux
@@ -371,6 +377,7 @@ def _may_batch(options: Options, inputs: Inputs, probed: Probed, batch: int) -> 
         and may_make_taps(inputs.params)
         and _batched_pays(probed)
         and not options.has_aux
+        and not probed.custom_function  # plain autograd would not see it as the probe did
         and (options.check_samples or probed.samples_checked)
         and not inside_func_transform()
         and not torch.is_inference_mode_enabled()
