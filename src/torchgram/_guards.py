@@ -108,8 +108,26 @@ except ImportError:  # pragma: no cover - older torch
 
 def writes(name: str, kwargs: dict[str, Any]) -> bool:
     """Whether the op writes into one of its arguments (in place, or into ``out=``)."""
-    in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
-    return in_place or kwargs.get("out") is not None
+    return _in_place(name) or (bool(kwargs) and kwargs.get("out") is not None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _in_place(name: str) -> bool:
+    return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _noted(name: str) -> bool:
+    """Whether :meth:`Guard.before` notes something about an op of this name (it runs on every
+    op fn calls: one lookup for the common op that needs nothing)."""
+    return (
+        name in _DROPOUTS
+        or name in _RANDOM_OPS
+        or name in WEIGHTED_NORMS
+        or name in ("batch_norm", "custom_function_call")
+        or "attention" in name
+        or "transformer" in name
+    )
 
 
 def writes_input(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -117,7 +135,9 @@ def writes_input(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str
     write into its input: the in-place op it calls then runs out of the tape's sight."""
     if "inplace" in kwargs:
         return bool(kwargs["inplace"])
-    position = _inplace_position(func) if isinstance(func, FunctionType) else None
+    if not isinstance(func, FunctionType):  # a builtin: its in-place forms end with "_"
+        return False
+    position = _inplace_position(func)
     return position is not None and len(args) > position and bool(args[position])
 
 
@@ -166,6 +186,26 @@ class Guard:
         self, func: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict
     ) -> None:
         """Check an op before it runs."""
+        if _noted(name):
+            self._note(func, name, args, kwargs)
+        if not (writes(name, kwargs) or writes_input(func, args, kwargs)):
+            return
+        target = kwargs.get("out", args[0] if args else None)
+        if not isinstance(target, Tensor):
+            return
+        if self._recorded and self._records_meet(target):
+            raise ValueError(
+                f"{self.caller}: fn calls {name} in place on the input of an op that uses a "
+                "parameter (or on a view of it), after that op. The Gramian is computed from "
+                "each such input as it is at the end of the run, so the write would change it "
+                "without changing fn's output. Use the out-of-place form (h = h + 1 for "
+                "h.add_(1), inplace=False)."
+            )
+        if self.watch and not self._made_here(target):
+            raise NeedsTransform(name)
+
+    def _note(self, func: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict) -> None:
+        """Note randomness, attention, a custom Function or a weighted norm; check batch_norm."""
         if name in _DROPOUTS:
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             training = kwargs.get(
@@ -182,21 +222,6 @@ class Guard:
             self.custom_function = True
         if name in WEIGHTED_NORMS and not self.weighted_norm:  # a weight that may be a variable
             self.weighted_norm = any(_variable(v) for v in (*args[1:], *kwargs.values()))
-        if not (writes(name, kwargs) or writes_input(func, args, kwargs)):
-            return
-        target = kwargs.get("out", args[0] if args else None)
-        if not isinstance(target, Tensor):
-            return
-        if self._recorded and self._records_meet(target):
-            raise ValueError(
-                f"{self.caller}: fn calls {name} in place on the input of an op that uses a "
-                "parameter (or on a view of it), after that op. The Gramian is computed from "
-                "each such input as it is at the end of the run, so the write would change it "
-                "without changing fn's output. Use the out-of-place form (h = h + 1 for "
-                "h.add_(1), inplace=False)."
-            )
-        if self.watch and not self._made_here(target):
-            raise NeedsTransform(name)
 
     def after(self, name: str, args: Sequence[Any], result: Any) -> Any:
         """Remember the tensors an op returned as created in this run; return ``result``."""

@@ -166,6 +166,7 @@ class TapeMismatch(RuntimeError):
 # the flat structure of _flat_spec, found without flattening.
 _SCALARS = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device})
 _LEAF = optree.tree_structure(0, none_is_leaf=True)  # type: ignore[arg-type]
+_FLAT_ITEMS = _SCALARS | {slice, type(Ellipsis)}  # what a list or tuple argument holds, but tensors
 
 
 @functools.cache
@@ -196,10 +197,13 @@ def differentiable(value: Any) -> bool:
 TapShape = tuple[torch.Size, torch.dtype, torch.device]
 
 
+_CUSTOM_NODE = torch._C._FunctionBase
+
+
 def _edge(value: Tensor, node: Any) -> GradientEdge:
     """``get_gradient_edge(value)`` of an output with its own node, without its checks: a
     node of a custom ``autograd.Function`` needs that function's ownership token."""
-    if isinstance(node, torch._C._FunctionBase):
+    if isinstance(node, _CUSTOM_NODE):
         return get_gradient_edge(value)
     return GradientEdge(node, value.output_nr)
 
@@ -308,12 +312,12 @@ class Tape(TorchFunctionMode):
         if name in RNN_OPS and not kwargs:
             with self:
                 return run_recurrent(name, args, self.caller)
+        if not self._may_use_params(args, kwargs):  # most ops
+            return func(*args, **kwargs)
         views = self._views
         leaves: list[Any]
         if not kwargs and all(isinstance(v, Tensor) or type(v) in _SCALARS for v in args):
-            leaves, spec = list(args), _flat_spec(len(args))  # most ops: no need to flatten
-        elif not self._may_use_params(args, kwargs):
-            return func(*args, **kwargs)
+            leaves, spec = list(args), _flat_spec(len(args))  # no need to flatten
         else:
             leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
         slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in views]
@@ -335,8 +339,9 @@ class Tape(TorchFunctionMode):
             with self:
                 return _without_dispatch(func)(*args, **kwargs)
         out = self._call(func, name, args, kwargs)
-        if any(out is leaves[i] for i in slots):  # the parameter view itself: no use
-            return out  # (dropout in eval mode, conj of a real tensor, ...)
+        for i in slots:
+            if out is leaves[i]:  # the parameter view itself: no use
+                return out  # (dropout in eval mode, conj of a real tensor, ...)
         return self._record(func, leaves, spec, slots, out)
 
     def _call(self, func: Callable[..., Any], name: str, args: Any, kwargs: dict) -> Any:
@@ -355,14 +360,22 @@ class Tape(TorchFunctionMode):
 
     def _may_use_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
         """False when no argument is a parameter (view), seen without flattening: most ops take
-        flat arguments, and this check runs on every op fn calls."""
+        flat arguments, or a list of tensors (``cat``) or a tuple of slices (``x[:, :4]``), and
+        this check runs on every op fn calls."""
         views = self._views
-        for value in (*args, *kwargs.values()):
+        for value in (*args, *kwargs.values()) if kwargs else args:
             if isinstance(value, Tensor):
                 if id(value) in views:
                     return True
-            elif isinstance(value, (list, tuple, dict)):
-                return True  # nested: flatten to see
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, Tensor):
+                        if id(item) in views:
+                            return True
+                    elif type(item) not in _FLAT_ITEMS:
+                        return True  # nested deeper: flatten to see
+            elif isinstance(value, dict):
+                return True
         return False
 
     def _same_value(self, out: Any, source: Tensor) -> bool:
@@ -415,10 +428,12 @@ class Tape(TorchFunctionMode):
         self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int], out: Any
     ) -> Any:
         single = isinstance(out, Tensor)  # most ops: no need to flatten
-        out_leaves, out_spec = (
-            ([out], _LEAF) if single else optree.tree_flatten(out, none_is_leaf=True)
-        )
-        tapped = [i for i, v in enumerate(out_leaves) if differentiable(v)]
+        if single:
+            out_leaves, out_spec = [out], _LEAF
+            tapped = [0] if out.is_floating_point() or out.is_complex() else []
+        else:
+            out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=True)
+            tapped = [i for i, v in enumerate(out_leaves) if differentiable(v)]
         if not tapped:  # no differentiable output (sizes, masks, ...): nothing flows back
             return out
         stored, data = self._store(leaves, slots)
