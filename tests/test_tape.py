@@ -66,3 +66,21 @@ def test_ops_without_differentiable_output_are_not_uses() -> None:
     w = torch.randn(3, 3)
     tape = _record(lambda: (w.shape, w.size(0), torch.isfinite(w), w > 0), [w])
     assert tape.uses == []
+
+
+def test_parameters_inside_list_tuple_and_dict_arguments_are_uses() -> None:
+    """Ops without a parameter return before any flattening (a list of tensors, a tuple of
+    slices); a parameter anywhere in a list, tuple or dict argument is still found."""
+    w, x = torch.randn(2, 3), torch.randn(2, 3)
+    tape = _record(
+        lambda: (
+            torch.cat([x, x[:, :2]], -1),  # no parameter: no use
+            torch.cat([x, w]),  # in a list
+            torch.cat((w,)),  # in a tuple
+            torch.stack([x, w.view(2, 3)]),  # a view, in a list
+            torch.einsum("ij,ij->i", x, w),
+            torch.cat(tensors=[x, w]),  # in a keyword argument
+        ),
+        [w],
+    )
+    assert [use.name for use in tape.uses] == ["cat", "cat", "stack", "einsum", "cat"]
