@@ -123,3 +123,25 @@ def test_dense_gramian_by_column_slices_under_vmap_and_grad() -> None:
     flat = g[0].reshape(4, -1)
     expected = torch.func.grad(lambda f: (f @ f.T).pow(2).sum())(flat)
     assert torch.allclose(ours.reshape(4, -1), expected)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("may_join", [False, True])
+def test_bias_factor_sums_the_tokens_when_needed(tokens, may_join) -> None:
+    """A bias's per-sample gradients are its cotangents summed over tokens. The sum is put off
+    only where the bias may join its weight's ghost Gramian; otherwise it is made at once, so
+    that the bias factor does not hold the cotangents themselves."""
+    from torchgram._factors import Dense, TokenSum
+    from torchgram._rules.linear import _bias_factor
+    from torchgram._tape import ParamView
+
+    D = torch.randn(2, 3, tokens, 4, dtype=torch.float64)
+    factor = _bias_factor(ParamView(1, torch.zeros(4), None), D, may_join)
+    summed = D.sum(dim=2)
+    lazy = tokens > 1 and may_join
+    assert isinstance(factor, TokenSum if lazy else Dense)
+    assert (getattr(factor, "D", None) is D) == lazy
+    assert torch.allclose(factor.materialise(), summed, rtol=1e-12)
+    assert torch.allclose(factor.gramian(), dense_gramian(summed), rtol=1e-12)
+    weights = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.allclose(factor.weighted(weights), torch.einsum("kb,kbe->e", weights, summed))

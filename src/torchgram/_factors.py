@@ -297,10 +297,11 @@ def materialised_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_
 def _per_sample_products(D: Tensor, A: Tensor) -> Tensor:
     """``einsum("kbte,btd->kbed", D, A)`` as one ``bmm`` over the samples (the K rows side by
     side): the same products without einsum's parsing, which costs more than them for a
-    multi-task head (``[2, 1, 64, 1]`` cotangents: 46 against 72 us with the Gramian)."""
+    multi-task head (``[2, 1, 64, 1]`` cotangents: 46 against 72 us with the Gramian). For one
+    token (outer products, as :meth:`Linear.materialise` may build) einsum is the faster."""
     K, B, T, e = D.shape
     left = D.permute(1, 0, 3, 2).reshape(B, K * e, T)
-    return torch.bmm(left, A).view(B, K, e, -1).transpose(0, 1)
+    return torch.bmm(left, A).view(B, K, e, A.shape[-1]).transpose(0, 1)
 
 
 # Few long rows: one product per slice of the columns, batched, then summed, runs 5-25% faster

@@ -41,6 +41,15 @@ from torchgram._tape import TapeMismatch, TapShape
 Tensor = torch.Tensor
 Tap = Tensor | GradientEdge
 
+try:  # what autograd.grad(is_grads_batched=True) runs on (see _grad)
+    from torch.autograd.graph import _engine_run_backward
+
+    _LEGACY_BATCHING = all(
+        hasattr(torch, name) for name in ("_add_batch_dim", "_remove_batch_dim")
+    ) and hasattr(torch._C, "_vmapmode_increment_nesting")
+except ImportError:  # pragma: no cover - older torch
+    _LEGACY_BATCHING = False
+
 # made(params) -> (out, aux, taps, shapes): a run that makes its own taps (see linearise_made_taps)
 MadeRun = Callable[[tuple[Tensor, ...]], tuple[Tensor, Any, list[Tap], list[TapShape]]]
 # run(taps, watch) -> (out, aux); watch: the run is plain autograd (see torchgram._guards)
@@ -249,9 +258,12 @@ def _grad(
     ``autograd.grad`` does), without ``autograd.grad``'s argument handling, which is generic
     and costs more than the engine on a small model: 286 against 105 us for a two-layer MLP's
     two rows, timed alone (a plain tensor output and rows of its shape and dtype need none of
-    it). Elsewhere, and where torch lacks the internals, ``autograd.grad`` itself.
+    it). Elsewhere (and where torch lacks the internals) ``autograd.grad`` itself, which also
+    says what is wrong with rows of another shape or dtype.
     """
-    if not (batched and _LEGACY_BATCHING and type(out) is Tensor and type(rows) is Tensor):
+    plain = type(out) is Tensor and type(rows) is Tensor
+    fits = rows.shape[1:] == out.shape and rows.dtype == out.dtype  # what grad's checks ask
+    if not (batched and _LEGACY_BATCHING and plain and fits):
         return torch.autograd.grad(
             out,
             taps,  # type: ignore[arg-type]  # tensors and edges together are fine
@@ -274,16 +286,6 @@ def _grad(
         )
     finally:
         torch._C._vmapmode_decrement_nesting()
-
-
-try:
-    from torch.autograd.graph import _engine_run_backward
-
-    _LEGACY_BATCHING = all(
-        hasattr(torch, name) for name in ("_add_batch_dim", "_remove_batch_dim")
-    ) and hasattr(torch._C, "_vmapmode_increment_nesting")
-except ImportError:  # pragma: no cover - older torch
-    _LEGACY_BATCHING = False
 
 
 def _row_by_row(

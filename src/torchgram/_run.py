@@ -175,8 +175,11 @@ def _pull_back(reverse: Reverse, tape: Tape, per_sample: torch.Size) -> list[Ten
     derivatives of them (of the Gramian): layer_norm's with ``batch_dim=None`` were 5.1e3 off,
     against the loop of ``autograd.grad`` over rows and the closed form (jacrev has the same
     fault). Plain autograd's batched pull-back (``is_grads_batched``) is exact there."""
-    apart = tape.weighted_norm and reverse.functional  # cheap tests first: this runs every call
-    apart = apart and (reverse.differentiable or transform_active("Jvp"))
+    apart = (  # the cheap tests first: this runs on every call
+        tape.weighted_norm
+        and reverse.functional
+        and (reverse.differentiable or transform_active("Jvp"))
+    )
     return pull_back(reverse, per_sample, row_by_row=apart)
 
 

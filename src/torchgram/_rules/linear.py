@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from torchgram._factors import Dense, Linear, TokenSum
+from torchgram._factors import Dense, Factor, Linear, TokenSum, use_ghost
 from torchgram._rules.common import (
     Contribution,
     Rule,
@@ -44,9 +44,17 @@ def linear_rule(
         (weight.leaf, Linear(weight.index, A, D, bias.leaf if whole else None))
     ]
     if bias is not None:
-        one = D.shape[2] == 1  # one token: a view, no sum
-        out.append((bias.leaf, Dense(bias.index, D[:, :, 0]) if one else TokenSum(bias.index, D)))
+        out.append((bias.leaf, _bias_factor(bias, D, whole and use_ghost(A.shape, D.shape))))
     return out
+
+
+def _bias_factor(bias: ParamView, D: Tensor, may_join: bool) -> Factor:
+    """The bias's per-sample gradients, ``D`` summed over tokens: a view for one token; the sum
+    put off where the bias may join its weight's ghost Gramian (then it is never needed); else
+    the sum now, which lets ``D`` go with the weight's factor (``gramian(release=True)``)."""
+    if D.shape[2] == 1:
+        return Dense(bias.index, D[:, :, 0])
+    return TokenSum(bias.index, D) if may_join else Dense(bias.index, D.sum(dim=2))
 
 
 def matmul_rule(
