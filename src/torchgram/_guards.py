@@ -39,6 +39,8 @@ WEIGHTED_NORMS = frozenset(
         "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
     }
 )  # fmt: skip
+# What Guard._note looks at, beside attention.
+_NOTED = _DROPOUTS | _RANDOM_OPS | WEIGHTED_NORMS | {"batch_norm", "custom_function_call"}
 # In-place operators and item assignment (the other in-place ops end with "_").
 _IN_PLACE_DUNDERS = frozenset(
     {
@@ -118,16 +120,14 @@ def _in_place(name: str) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _noted(name: str) -> bool:
-    """Whether :meth:`Guard.before` notes something about an op of this name (it runs on every
-    op fn calls: one lookup for the common op that needs nothing)."""
-    return (
-        name in _DROPOUTS
-        or name in _RANDOM_OPS
-        or name in WEIGHTED_NORMS
-        or name in ("batch_norm", "custom_function_call")
-        or "attention" in name
-        or "transformer" in name
-    )
+    """Whether :meth:`Guard._note` has something to note about an op of this name (it runs on
+    every op fn calls: one lookup for the common op that needs nothing)."""
+    return name in _NOTED or _attention(name)
+
+
+def _attention(name: str) -> bool:
+    """scaled_dot_product_attention, or a function that may call it out of the tape's sight."""
+    return "attention" in name or "transformer" in name
 
 
 def writes_input(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -216,8 +216,8 @@ class Guard:
             self.random = True
         elif name == "batch_norm":
             self._batch_norm(func, args, kwargs)
-        elif "attention" in name or "transformer" in name:
-            self.attention = True  # scaled_dot_product_attention, maybe inside
+        elif _attention(name):
+            self.attention = True
         elif name == "custom_function_call":  # an autograd.Function, as torch.func sees it
             self.custom_function = True
         if name in WEIGHTED_NORMS and not self.weighted_norm:  # a weight that may be a variable

@@ -261,9 +261,15 @@ def _grad(
     it). Elsewhere (and where torch lacks the internals) ``autograd.grad`` itself, which also
     says what is wrong with rows of another shape or dtype.
     """
-    plain = type(out) is Tensor and type(rows) is Tensor
-    fits = rows.shape[1:] == out.shape and rows.dtype == out.dtype  # what grad's checks ask
-    if not (batched and _LEGACY_BATCHING and plain and fits):
+    own = (
+        batched
+        and _LEGACY_BATCHING
+        and type(out) is Tensor  # no subclass that autograd.grad would hand its arguments to
+        and type(rows) is Tensor
+        and rows.shape[1:] == out.shape  # what autograd.grad's checks ask
+        and rows.dtype == out.dtype
+    )
+    if not own:
         return torch.autograd.grad(
             out,
             taps,  # type: ignore[arg-type]  # tensors and edges together are fine

@@ -430,7 +430,7 @@ class Tape(TorchFunctionMode):
         single = isinstance(out, Tensor)  # most ops: no need to flatten
         if single:
             out_leaves, out_spec = [out], _LEAF
-            tapped = [0] if out.is_floating_point() or out.is_complex() else []
+            tapped = [0] if differentiable(out) else []
         else:
             out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=True)
             tapped = [i for i, v in enumerate(out_leaves) if differentiable(v)]

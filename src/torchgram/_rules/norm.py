@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from torchgram._factors import Dense
-from torchgram._rules.common import Contribution, Rule, argument
-from torchgram._tape import DataRef, ParamView, Use
+from torchgram._rules.common import Contribution, Rule, argument, data_and_params
+from torchgram._tape import Use
 
 Tensor = torch.Tensor
 
@@ -31,9 +31,7 @@ def layer_norm_rule(
     weight = argument(args, kwargs, 2, "weight")
     bias = argument(args, kwargs, 3, "bias")
     eps = argument(args, kwargs, 4, "eps")
-    if not isinstance(x, DataRef) or not all(
-        p is None or isinstance(p, ParamView) for p in (weight, bias)
-    ):
+    if not data_and_params(x, weight, bias):
         return None
     dims = len(shape) if isinstance(shape, (list, tuple)) else 1  # torch.Size is a tuple
     (cotangent,) = cotangents  # [K, B, *x]
