@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import flat_gramian, jacobian_matrix
+from torch.func import jacrev
 
 import torchgram
 from torchgram import _run
@@ -25,7 +26,7 @@ def runs(monkeypatch) -> list[str]:
     """Which run gave each result: "batched", or "vmap" (after a batched run that did not fit,
     or none)."""
     taken: list[str] = []
-    batched, vmapped = _run._linearise_batched, _run._vmapped
+    batched, vmapped = _run.linearise_batched, _run.linearise_vmapped
 
     def spy_batched(*args):
         result = batched(*args)
@@ -37,8 +38,8 @@ def runs(monkeypatch) -> list[str]:
         taken.append("vmap")
         return vmapped(*args)
 
-    monkeypatch.setattr(_run, "_linearise_batched", spy_batched)
-    monkeypatch.setattr(_run, "_vmapped", spy_vmapped)
+    monkeypatch.setattr(_run, "linearise_batched", spy_batched)
+    monkeypatch.setattr(_run, "linearise_vmapped", spy_vmapped)
     return taken
 
 
@@ -80,7 +81,7 @@ def test_batched_run_where_taps_hold_the_samples(runs) -> None:
     x = torch.randn(B, DIN, dtype=D)
     _exact(_mlp, p, x)
     _exact(_shared_operand, p, x)
-    assert runs == ["batched", "vmap", "batched"] * 2
+    assert runs == ["vmap", "batched", "batched"] * 2
 
 
 # Ops whose taps go on their parameter arguments under vmap (norms' affine parameters, broadcast
@@ -116,7 +117,7 @@ def test_batched_run_with_parameters_tapped_under_vmap(runs, fn) -> None:
     p = _params()
     x = torch.randn(B, T, DIN, dtype=D) if fn is _group_normed else torch.randn(B, DIN, dtype=D)
     _exact(fn, p, x)
-    assert runs == ["batched", "vmap", "batched"]
+    assert runs == ["vmap", "batched", "batched"]
 
 
 _LAYER_NORMS = {
@@ -148,7 +149,7 @@ def test_layer_norm_rule_in_the_batched_run(runs, monkeypatch, variant) -> None:
         return norm(_attend(F.linear(x, p["w"])), p).pow(2).sum((1, 2))
 
     _exact(fn, _params(), torch.randn(B, T, DIN, dtype=D))
-    assert runs == ["batched", "vmap", "batched"]
+    assert runs == ["vmap", "batched", "batched"]
     assert taken and all(taken)
 
 
@@ -167,7 +168,7 @@ def test_batched_where_the_inputs_dwarf_the_extra_cotangents(runs) -> None:
     torch.manual_seed(1)
     p = {**_params(), "w": torch.randn(DOUT, 200, dtype=D)}  # the records: 200 per token
     _exact(_normed_twice, p, torch.randn(B, 16, 200, dtype=D))
-    assert runs == ["batched", "vmap", "batched"]
+    assert runs == ["vmap", "batched", "batched"]
 
 
 def test_vmap_for_norms_without_attention(runs) -> None:  # the generic rule would cost more
@@ -179,7 +180,7 @@ def test_vmap_for_norms_without_attention(runs) -> None:  # the generic rule wou
 def test_samples_on_another_dimension(runs) -> None:
     p, x = _params(), torch.randn(T, B, DIN, dtype=D)
     _exact(_sequence_first, p, x, in_dims=1)
-    assert runs == ["batched", "vmap", "batched"]
+    assert runs == ["vmap", "batched", "batched"]
 
 
 def _parameter_only(p, x):  # a use of the parameters that no sample owns: one tap per sample
@@ -203,16 +204,31 @@ def test_vmap_where_the_batched_run_does_not_fit(runs, fn) -> None:
     assert runs == ["vmap", "vmap"]
 
 
-def test_vmap_for_aux_randomness_and_unchecked_samples(runs) -> None:
+def test_vmap_for_aux_and_unchecked_samples(runs) -> None:
     p, x = _params(), torch.randn(B, DIN, dtype=D)
     with_aux = lambda p, x: (_mlp(p, x), _mlp(p, x).sum())
     torchgram.gramian_of(with_aux, batch_dim=0, has_aux=True)(p, x)
     torchgram.gramian_of(_mlp, batch_dim=0, check_samples=False)(p, x)
-    torch.manual_seed(1)
+    assert runs == ["vmap"] * 2
+
+
+def test_dropout_takes_the_batched_run_checked_under_the_same_draws(runs) -> None:
+    """The vmapped and the batched run start from the same generator state, and dropout draws
+    the same mask in both: checked on the first call, the batched run is used on later ones.
+    Each call's Gramian is that of fn with the mask a plain call draws from that state."""
+    p = _params()
     dropped = lambda p, x: _mlp(p, F.dropout(x, 0.5, training=True))
-    torchgram.gramian_of(dropped, batch_dim=0)(p, x)
-    torchgram.gramian(_mlp, p, x, batch_dim=0)  # the eager form remembers nothing
-    assert runs == ["vmap"] * 4
+    transform = torchgram.gramian_of(dropped, batch_dim=0)
+    for seed in (1, 2):
+        x = torch.randn(B, DIN, dtype=D)
+        torch.manual_seed(seed)
+        G = transform(p, x)
+        after = torch.rand(())
+        torch.manual_seed(seed)
+        J = torch.cat([j.reshape(B * 2, -1) for j in jacrev(dropped)(p, x).values()], dim=1)
+        assert torch.equal(after, torch.rand(()))  # the generator advanced as by one run of fn
+        assert torch.allclose(torchgram.flatten(G), J @ J.T, rtol=1e-10)
+    assert runs == ["vmap", "batched", "batched"]
 
 
 def test_a_batched_run_that_did_not_fit_is_not_tried_again() -> None:
@@ -237,7 +253,7 @@ def test_the_sample_check_refuses_mixing_in_the_batched_run(runs) -> None:
 
     with pytest.raises(ValueError, match="does not treat samples independently: on the whole"):
         torchgram.gramian_of(mixes, batch_dim=0)(_params(), torch.randn(B, DIN, dtype=D))
-    assert runs == ["batched", "vmap"]  # refused when the two are compared
+    assert runs == ["vmap", "batched"]  # refused when the two are compared
 
 
 def _reordered(p, x):  # the samples reversed inside fn, and back: rows are not the samples
@@ -255,7 +271,7 @@ def test_a_batched_run_whose_rows_are_not_the_samples_is_replaced(runs, fn) -> N
     """Its Gramian differs from the vmapped run's (or cannot be computed): the vmapped one is
     returned, and the transform does not use the batched run on that signature again."""
     _two_batches(fn, fn)
-    assert runs == ["batched", "vmap", "vmap"]
+    assert runs == ["vmap", "batched", "vmap"]
 
 
 def _two_batches(fn, oracle_fn) -> None:
@@ -276,7 +292,7 @@ def test_a_verified_batched_run_is_used_without_the_vmapped_one(runs) -> None:
         return _mlp(p, x)
 
     _two_batches(fn, _mlp)
-    assert runs == ["batched", "vmap", "batched"]
+    assert runs == ["vmap", "batched", "batched"]
     assert calls[0] == 4  # probe, batched, vmapped; then the batched run alone
 
 
@@ -310,7 +326,7 @@ def test_jd_grad_from_the_batched_run(runs, fn) -> None:
         direction = step(p, x)
         flat = torch.cat([leaf.reshape(-1) for leaf in optree.tree_leaves(direction)])
         assert torch.allclose(flat, expected, rtol=1e-8, atol=1e-10)
-    assert runs == ["batched", "vmap", "batched"]
+    assert runs == ["vmap", "batched", "batched"]
 
 
 def test_sample_dim_and_stacking() -> None:

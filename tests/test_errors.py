@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from oracle import flat_gramian
@@ -11,7 +12,8 @@ from torch.overrides import _get_current_function_mode_stack
 
 import torchgram
 
-W = {"w": torch.randn(4, 3, dtype=torch.float64)}
+D = torch.float64
+W = {"w": torch.randn(4, 3, dtype=D)}
 X = torch.randn(5, 4, dtype=torch.float64)
 
 
@@ -225,3 +227,128 @@ def test_the_same_tensor_twice_in_params(batch_dim) -> None:
     G = torchgram.gramian(lambda p, x: x @ p["a"] @ p["b"].T, params, X, batch_dim=batch_dim)
     expected = flat_gramian(lambda p, x: x @ p["a"] @ p["b"].T, params, X)
     assert torch.allclose(torchgram.flatten(G), expected, rtol=1e-10)
+
+
+def test_complex_parameters_and_outputs_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"leaf of params at \('w',\) is complex.*view_as_real"):
+        torchgram.gramian(lambda p, x: (x.cfloat() @ p["w"]).abs(), {"w": W["w"].cdouble()}, X)
+    with pytest.raises(TypeError, match="fn's output is complex.*view_as_real"):
+        torchgram.gramian(lambda p, x: (x @ p["w"]).cdouble(), W, X, batch_dim=0)
+
+
+def test_complex_intermediates_are_exact() -> None:
+    """Real parameters and output, complex values in between (an FFT): exact."""
+
+    def fn(p, x):
+        return torch.fft.rfft(torch.tanh(x @ p["w"]), dim=-1).abs().pow(2).sum(-1)
+
+    for batch_dim in (0, None):
+        G = torchgram.gramian(fn, W, X, batch_dim=batch_dim)
+        assert torch.allclose(G, flat_gramian(fn, W, X), rtol=1e-10)
+
+
+@pytest.mark.parametrize("in_dims", [True, (None, False)])
+def test_in_dims_of_bools_are_refused(in_dims) -> None:
+    with pytest.raises(TypeError, match="in_dims"):
+        torchgram.gramian(losses, W, X, batch_dim=0, in_dims=in_dims)
+
+
+@pytest.mark.parametrize("call", ["gramian", "vjp_and_gramian", "jd_grad", "gramian_of"])
+def test_errors_name_the_function_called(call) -> None:
+    transforms = {
+        "gramian": lambda: torchgram.gramian(losses, W, X, batch_dim=3),
+        "vjp_and_gramian": lambda: torchgram.vjp_and_gramian(losses, W, X, batch_dim=3),
+        "jd_grad": lambda: torchgram.jd_grad(losses, torchgram.weightings.mean, batch_dim=3)(W, X),
+        "gramian_of": lambda: torchgram.gramian_of(losses, batch_dim=3)(W, X),
+    }
+    with pytest.raises(ValueError, match=rf"^{call}\(fn, batch_dim=3\): batch_dim=3 is out"):
+        transforms[call]()
+
+
+def test_weightings_that_return_the_wrong_thing_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"jd_grad\(fn, batch_dim=0\): weighting returned a list"):
+        torchgram.jd_grad(losses, lambda G: [1.0] * 5, batch_dim=0)(W, X)
+    with pytest.raises(ValueError, match=r"shape \[3\], but fn's output has shape \[5\]"):
+        torchgram.jd_grad(losses, lambda G: torch.ones(3, dtype=D), batch_dim=0)(W, X)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_empty_batch(batch_dim) -> None:
+    empty = X[:0]
+    if batch_dim is None:  # no output elements: an empty Gramian
+        assert torchgram.gramian(losses, W, empty).shape == (0, 0)
+        return
+    with pytest.raises(ValueError, match="the batch is empty.*drop_last=True"):
+        torchgram.gramian(losses, W, empty, batch_dim=0)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jvp"])
+def test_a_torch_func_transform_inside_fn_is_refused(transform, batch_dim) -> None:
+    def fn(p, x):
+        if transform == "vmap":
+            return torch.func.vmap(lambda xi: torch.tanh(xi @ p["w"]).sum())(x)
+        if transform == "grad":  # a gradient penalty on the inputs
+            g = torch.func.grad(lambda x: torch.tanh(x @ p["w"]).sum())(x)
+            return losses(p, x) + g.pow(2).sum(-1)
+        _, tangent = torch.func.jvp(lambda x: torch.tanh(x @ p["w"]).sum(-1), (x,), (x,))
+        return tangent
+
+    with pytest.raises(ValueError, match="fn applies a torch.func transform of its own"):
+        torchgram.gramian(fn, W, X, batch_dim=batch_dim)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_autograd_grad_inside_fn_is_refused(batch_dim) -> None:
+    def fn(p, x):
+        x = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(losses(p, x).sum(), x, create_graph=True)
+        return losses(p, x) + g.pow(2).sum(-1)
+
+    with pytest.raises(ValueError, match=r"fn calls .*torch.autograd.grad \(a gradient inside fn"):
+        torchgram.gramian(fn, W, X, batch_dim=batch_dim)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_reentrant_checkpoint_is_refused_and_the_other_is_exact(batch_dim) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    def reentrant(p, x):
+        return checkpoint(losses, p, x, use_reentrant=True)
+
+    with pytest.raises(ValueError, match="without a setup_context.*use_reentrant=False"):
+        torchgram.gramian(reentrant, W, X, batch_dim=batch_dim)
+
+    def non_reentrant(p, x):
+        return checkpoint(losses, p, x, use_reentrant=False)
+
+    G = torchgram.gramian(non_reentrant, W, X, batch_dim=batch_dim)
+    assert torch.allclose(G, flat_gramian(losses, W, X), rtol=1e-10)
+
+
+def test_numpy_inside_fn() -> None:
+    """Refused where fn runs under torch.func (with batch_dim); exact where it runs once."""
+
+    def fn(p, x):
+        return losses(p, x) * float(np.sign(x.numpy()[0, 0]) ** 2)
+
+    with pytest.raises(ValueError, match=r"reads a tensor's memory directly \(x.numpy\(\)"):
+        torchgram.gramian(fn, W, X, batch_dim=0)
+    assert torch.allclose(torchgram.gramian(fn, W, X), flat_gramian(losses, W, X), rtol=1e-10)
+
+
+def test_instance_norm_updating_running_statistics_is_refused_with_batch_dim() -> None:
+    norm = nn.InstanceNorm1d(3, affine=True, track_running_stats=True).double()
+    params = {k: v.detach() for k, v in norm.named_parameters()}
+    x = torch.randn(5, 3, 6, dtype=D)
+    before = {k: v.clone() for k, v in norm.named_buffers()}
+    with pytest.raises(ValueError, match="instance_norm with running statistics.*model.eval"):
+        torchgram.gramian(
+            lambda p, x: functional_call(norm, p, (x,)).sum((1, 2)), params, x, batch_dim=0
+        )
+    for name, value in norm.named_buffers():
+        assert torch.equal(value, before[name])
+    norm.eval()  # running statistics used, not updated: fine
+    fn = lambda p, x: functional_call(norm, p, (x,)).pow(2).sum((1, 2))
+    G = torchgram.gramian(fn, params, x, batch_dim=0)
+    assert torch.allclose(G, flat_gramian(fn, params, x), rtol=1e-10)

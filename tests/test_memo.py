@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -81,25 +83,77 @@ def test_later_calls_run_fn_once() -> None:
     assert fn.calls == 7
     transform(_params(torch.float32), *_data(dtype=torch.float32))
     assert fn.calls == 10
-    whole = torchgram.gramian_of(fn)  # batch_dim=None: no sample check
+    whole = torchgram.gramian_of(fn)  # batch_dim=None: one run, from the first call
+    whole(w, x, y)
+    assert fn.calls == 11
     whole(w, x, y)
     assert fn.calls == 12
-    whole(w, x, y)
-    assert fn.calls == 13
     with torch.no_grad():
         whole(w, x, y)
-    assert fn.calls == 15
+    assert fn.calls == 13
 
 
-def test_eager_forms_remember_nothing() -> None:
+def test_eager_forms_remember_per_fn() -> None:
+    """gramian and vjp_and_gramian called in a loop with one fn run it once per call after the
+    first, as a transform built once does (they share what they learned of fn)."""
     fn = Counted(_losses)
     w, (x, y) = _params(), _data()
-    for calls in [3, 6]:
-        torchgram.gramian(fn, w, x, y, batch_dim=0)
+    for calls in [3, 4]:  # probe, vmapped and batched runs; then the batched run
+        G = torchgram.gramian(fn, w, x, y, batch_dim=0)
         assert fn.calls == calls
-    for calls in [9, 12]:
+        _assert_oracle(G, _losses, w, x, y)
+    for calls in [5, 6]:
         torchgram.vjp_and_gramian(fn, w, x, y, batch_dim=0)
         assert fn.calls == calls
+    for calls in [7, 8]:  # without batch_dim: once from the first call
+        torchgram.gramian(fn, w, x, y)
+        assert fn.calls == calls
+
+
+def test_eager_memory_does_not_keep_fn_or_its_model_alive() -> None:
+    def call() -> tuple[weakref.ref, weakref.ref]:
+        model = nn.Linear(4, 1).double()
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def fn(params, x):
+            return functional_call(model, params, (x,)).squeeze(-1)
+
+        for _ in range(2):
+            torchgram.gramian(fn, params, X, batch_dim=0)
+        assert fn in _memo._EAGER
+        return weakref.ref(model), weakref.ref(fn)
+
+    dead = call()
+    gc.collect()
+    assert dead[0]() is None and dead[1]() is None
+
+
+def test_eager_memory_of_a_bound_method() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 1).double()
+
+        def losses(self, params, x):
+            return functional_call(self.linear, params, (x,)).squeeze(-1)
+
+    model = Model()
+    params = {k: v.detach() for k, v in model.linear.named_parameters()}
+    calls = [0]
+    original = Model.losses
+
+    def counted(self, params, x):
+        calls[0] += 1
+        return original(self, params, x)
+
+    Model.losses = counted  # type: ignore[method-assign]
+    for _ in range(3):  # model.losses is a new bound method each time it is read
+        torchgram.gramian(model.losses, params, X, batch_dim=0)
+    assert calls[0] == 3 + 2
+    dead = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dead() is None
 
 
 def test_only_the_latest_signatures_are_kept() -> None:
@@ -163,9 +217,9 @@ def test_remembered_calls_match_oracle(name: str, batch_dim: int | None) -> None
         _assert_oracle(G, case.fn, case.params, *args)
     # with batch_dim: the probe, the batched run, the vmapped run it is compared with (the
     # sample check makes one more call where the batched run does not fit: multi-head attention
-    # merges the samples with the heads), then one call
+    # merges the samples with the heads), then one call; without: one run per call
     first = 4 if name == "transformer" else 3
-    assert fn.calls == (first + 1 if batch_dim == 0 else 3)
+    assert fn.calls == (first + 1 if batch_dim == 0 else 2)
 
 
 def _uses(mode: str, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +250,7 @@ def test_fn_that_changes_its_uses_is_probed_again(
     for current, probed in [(first, 1), (then, 2), (then, 2)]:
         mode[0] = current
         G = transform(w, x)
-        assert len(probes) == probed
+        assert len(probes) == (probed if batch_dim == 0 else 0)  # None: taps made as it runs
         _assert_oracle(G, fn, w, x)
 
 
@@ -211,6 +265,12 @@ def test_fn_that_changes_its_uses_between_probe_and_run_is_refused(
         calls[0] += 1
         return _uses("more" if calls[0] % 2 else "one", w, x)
 
+    if batch_dim is None:  # one run: its own uses, exact
+        x = _data()[0]
+        G = torchgram.gramian(fn, _params(), x)
+        used = functools.partial(_uses, "more" if calls[0] % 2 else "one")
+        _assert_oracle(G, used, _params(), x)
+        return
     with pytest.raises(RuntimeError, match="fn used its parameters differently in two runs"):
         # without the sample check, the run after the probe is the vmapped one
         torchgram.gramian(fn, _params(), _data()[0], batch_dim=batch_dim, check_samples=False)
@@ -256,7 +316,7 @@ def test_batchnorm_switched_to_training_is_refused(
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     with pytest.raises(ValueError, match="changes in place a tensor it did not create.*eval"):
         transform(params, X)
-    assert len(probes) == 1  # refused in the run with remembered shapes
+    assert len(probes) == (batch_dim == 0)  # refused in the run with remembered shapes
     for name, value in model.named_buffers():
         assert torch.equal(value, buffers[name])
     model.eval()
@@ -318,7 +378,7 @@ def test_remembered_under_an_outer_vmap() -> None:
         for i, member in enumerate(members):
             params = {k: v.detach() for k, v in member.named_parameters()}
             _assert_oracle(G[i], losses(member), params, x, y)
-    assert fn.calls == 3  # probe and run, then one run; no sample check under vmap
+    assert fn.calls == 4  # probe, run and sample check (beneath the vmap), then one run
 
 
 @pytest.mark.parametrize("batch_dim", [0, None])

@@ -237,6 +237,38 @@ def test_ops_that_return_the_parameter_itself(identity) -> None:
     assert torch.allclose(vjp_fn(weights)["w"], grad, rtol=1e-10)
 
 
+OUTPUT_VIEWS = {
+    "itself": (lambda w, x: w[0], None),
+    "clone": (lambda w, x: w[0].clone(), None),
+    "contiguous": (lambda w, x: w.T.contiguous()[1], None),
+    "to": (lambda w, x: w[1].to(torch.float64), None),
+    "expand": (lambda w, x: w[0, :2].expand(3, 2), None),
+    "expanded-per-sample": (lambda w, x: w[0, :1].expand(x.shape[0]), 0),
+    "reshaped-per-sample": (lambda w, x: w[:1, :1].reshape(1).expand(x.shape[0], 1), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(OUTPUT_VIEWS))
+def test_output_that_is_a_parameter_view(name) -> None:
+    """fn's output is a parameter (or a view of one) that no op uses: each output element is
+    one parameter element (the Gramian counts how many it shares), not zero. vjp_fn and
+    jd_grad give the weights at those elements."""
+    view, batch_dim = OUTPUT_VIEWS[name]
+    w = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fn = lambda params, x: view(params["w"], x)
+    expected = flat_gramian(fn, {"w": w}, x)
+    assert expected.abs().sum() > 0
+    assert_close(flatten(torchgram.gramian(fn, {"w": w}, x, batch_dim=batch_dim)), expected)
+    out, vjp_fn, _ = torchgram.vjp_and_gramian(fn, {"w": w}, x, batch_dim=batch_dim)
+    weights = torch.randn_like(out)
+    reference = torch.func.vjp(lambda w: fn({"w": w}, x), w)[1](weights)[0]
+    assert torch.allclose(vjp_fn(weights)["w"], reference, rtol=1e-10)
+    step = torchgram.jd_grad(fn, torchgram.weightings.sum, batch_dim=batch_dim)({"w": w}, x)
+    total = torch.func.grad(lambda w: fn({"w": w}, x).sum())(w)
+    assert torch.allclose(step["w"], total, rtol=1e-10) and total.abs().sum() > 0
+
+
 def test_module_called_directly_with_its_own_parameters() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     model = model.double()

@@ -40,7 +40,13 @@ WEIGHTED_NORMS = frozenset(
     }
 )  # fmt: skip
 # What Guard._note looks at, beside attention.
-_NOTED = _DROPOUTS | _RANDOM_OPS | WEIGHTED_NORMS | {"batch_norm", "custom_function_call"}
+_NOTED = (
+    _DROPOUTS
+    | _RANDOM_OPS
+    | WEIGHTED_NORMS
+    | {"batch_norm", "instance_norm", "custom_function_call", "grad", "backward"}
+)
+_GRADIENTS = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
 # In-place operators and item assignment (the other in-place ops end with "_").
 _IN_PLACE_DUNDERS = frozenset(
     {
@@ -66,7 +72,9 @@ class CrossSampleOpError(ValueError):
 
 
 class NeedsTransform(Exception):
-    """An op is about to write into a tensor fn did not create in this run."""
+    """The plain-autograd run must be made under ``torch.func`` instead: an op is about to
+    write into a tensor fn did not create in this run, or a parameter is used in a custom
+    ``autograd.Function``'s forward where taps are made as the run goes."""
 
 
 def captured_write_error(caller: str, detail: str) -> ValueError:
@@ -90,6 +98,25 @@ def tracked(tensor: Tensor) -> bool:
             return False
         tensor = _get_unwrapped(tensor)
     return True
+
+
+def restore(statistics: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Put back running statistics that a run updated (see ``Guard.statistics``), earliest
+    value last (a tensor a run updated twice gets its value from before both)."""
+    with torch.no_grad():
+        for tensor, saved in reversed(statistics):
+            tensor.copy_(saved)
+
+
+def beneath_transforms(tensor: Tensor) -> Tensor:
+    """The tensor beneath the wrappers of the active ``torch.func`` transforms: beneath an outer
+    ``vmap``'s, the values of all its members at once (in a layout of its own), so that a
+    reduction to a Python number is possible."""
+    if _is_wrapped is None:  # pragma: no cover - older torch
+        return tensor
+    while _is_wrapped(tensor):
+        tensor = _get_unwrapped(tensor)
+    return tensor
 
 
 def _variable(value: Any) -> bool:
@@ -122,10 +149,11 @@ def _in_place(name: str) -> bool:
 def _noted(name: str) -> bool:
     """Whether :meth:`Guard._note` has something to note about an op of this name (it runs on
     every op fn calls: one lookup for the common op that needs nothing)."""
-    return name in _NOTED or _attention(name)
+    return name in _NOTED or attention(name)
 
 
-def _attention(name: str) -> bool:
+@functools.lru_cache(maxsize=1024)
+def attention(name: str) -> bool:
     """scaled_dot_product_attention, or a function that may call it out of the tape's sight."""
     return "attention" in name or "transformer" in name
 
@@ -163,6 +191,8 @@ class Guard:
         self.custom_function = False
         self.weighted_norm = False  # a norm of WEIGHTED_NORMS whose weight or bias needs grad
         self.watch = False  # whether writes into tensors fn did not create are handed back
+        # running statistics that a norm's kernel updates, each with its value before the run
+        self.statistics: list[tuple[Tensor, Tensor]] = []
         self._created: set[int] = set()
         self._recorded: set[int] = set()
 
@@ -173,6 +203,7 @@ class Guard:
         self.custom_function = False
         self.weighted_norm = False
         self.watch = watch
+        self.statistics = []
         self._created.clear()
         self._recorded.clear()
 
@@ -216,7 +247,16 @@ class Guard:
             self.random = True
         elif name == "batch_norm":
             self._batch_norm(func, args, kwargs)
-        elif _attention(name):
+        elif name == "instance_norm":
+            self._instance_norm(func, args, kwargs)
+        elif func in _GRADIENTS:
+            raise ValueError(
+                f"{self.caller}: fn calls torch.autograd.{name} (a gradient inside fn, e.g. a "
+                "gradient penalty). Its backward pass runs outside the ops the tape records, so "
+                "the Gramian would miss how it depends on the parameters. Compute such a term "
+                "outside fn, or use torch.func.jacrev on the whole loss for this Gramian."
+            )
+        elif attention(name):
             self.attention = True
         elif name == "custom_function_call":  # an autograd.Function, as torch.func sees it
             self.custom_function = True
@@ -267,6 +307,34 @@ class Guard:
     def _made_here(self, tensor: Tensor) -> bool:
         base = tensor._base
         return id(tensor) in self._created and (base is None or id(base) in self._created)
+
+    def _instance_norm(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> None:
+        """instance_norm with running statistics and the input's own updates them inside the
+        kernel, with a mean over the batch: refused with ``batch_dim`` (vmap cannot follow the
+        write, and a run per sample would make one update per sample), before it runs."""
+        functional = func is torch.nn.functional.instance_norm
+        names = ("running_mean", "running_var", "use_input_stats")
+        positions = (1, 2, 5) if functional else (3, 4, 5)
+        mean, var, own = (
+            kwargs.get(n, args[p] if len(args) > p else None)
+            for n, p in zip(names, positions, strict=True)
+        )
+        updates = (own is None or bool(own)) and (
+            isinstance(mean, Tensor) or isinstance(var, Tensor)
+        )
+        if updates and not self.per_sample:
+            self.statistics.extend(
+                (t, t.detach().clone()) for t in (mean, var) if isinstance(t, Tensor)
+            )
+        if updates and self.per_sample:
+            raise CrossSampleOpError(
+                f"{self.caller}: fn calls instance_norm with running statistics in training "
+                "mode, which updates them with a mean over the batch inside the kernel, so "
+                "batch_dim cannot separate the samples of that update. Call model.eval() to "
+                "use the running statistics without updating them, build the norm with "
+                "track_running_stats=False, or pass batch_dim=None (exact, and the statistics "
+                "are updated once per call)."
+            )
 
     def _batch_norm(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> None:
         training = kwargs.get("training", args[5] if len(args) > 5 else False)

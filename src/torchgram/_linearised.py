@@ -8,6 +8,7 @@ gradients, without running fn again.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ class Linearised:
         params: The flattened parameter leaves.
         batch_dim: Where the samples lie in ``out``, or None (then ``B = 1``).
         chunk_bytes: Largest intermediate the rules may build at once (see ``Options``).
+        random: Whether fn drew random numbers in the run.
+        statistics: Running statistics the run updated, with their values before it (to put
+            back if the call then fails).
     """
 
     out: Tensor
@@ -46,6 +50,8 @@ class Linearised:
     params: tuple[Tensor, ...]
     batch_dim: int | None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    random: bool = False
+    statistics: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
 
     @functools.cached_property
     def contributions(self) -> list[tuple[int, Factor]]:
@@ -56,6 +62,11 @@ class Linearised:
             contributions.extend(use_factors(use, self.records, cotangents))
         return contributions
 
+    def forget_factors(self) -> None:
+        """Drop the factors made so far (made without grad for a comparison: made again for a
+        Gramian that may need a graph)."""
+        self.__dict__.pop("contributions", None)
+
     def gramian(self, release: bool = False) -> Tensor:
         """The generalized Gramian ``S + S[::-1]``.
 
@@ -63,6 +74,9 @@ class Linearised:
         leaf as the Gramian is assembled, so that memory falls instead of rising; :meth:`vjp`
         cannot be called after.
         """
+        if not self.out.numel():  # no rows (an empty batch): nothing to pull back or assemble
+            shape = (*self.out.shape, *reversed(self.out.shape))
+            return self.out.new_zeros(shape)
         contributions = self.contributions
         if release:
             del self.contributions
@@ -74,6 +88,8 @@ class Linearised:
 
     def vjp(self, weights: Tensor) -> list[Tensor]:
         """``sum_r weights[r] d out[r] / d params`` per leaf, from the tape (fn is not run)."""
+        if not self.out.numel():
+            return [torch.zeros_like(p) for p in self.params]
         if self.batch_dim is None:
             rows = weights.reshape(-1, 1)
         else:

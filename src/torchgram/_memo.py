@@ -1,23 +1,25 @@
-"""What a transform remembers between its calls: the shapes its probe learned.
+"""What a transform remembers between its calls: what its first call on a signature learned.
 
-Every call of a transform runs ``fn`` under the tape with one zero tap per tapped output, so it
-must know those outputs' shapes first: a probe (one shape-only run of fn) learns them, and with
-``batch_dim`` a check on two samples makes sure fn treats samples independently. A training loop
-calls one transform (``gramian_of(fn)``, ``jd_grad(fn, ...)``) many times with arguments of the
-same shapes, so each transform remembers, per signature of its arguments, what the probe learned
-and whether the check passed. Nothing else is kept. The shapes cannot make a result wrong: the
-real run checks every tap against the output it is added to, and if fn now uses its parameters
-differently the entry is dropped and fn is probed again. The sample check is not repeated on a
-signature where it passed. The memory belongs to the transform object, as ``jax.jit``'s cache
-does (the one exception to "no state between calls", for a training loop's sake); the eager forms
-(``gramian``, ``vjp_and_gramian``) remember nothing.
+Every call runs ``fn`` under the tape, and the first call on a signature of the arguments learns
+what later calls need: the shapes of the taps (from a shape-only probe, or the run itself), which
+run to make (see :mod:`torchgram._run`), and that fn passed the first call's checks. A training
+loop calls one transform (``gramian_of(fn)``, ``jd_grad(fn, ...)``) many times with arguments of
+the same shapes, so each transform remembers this per signature, and later calls run fn once.
+The eager forms (``gramian``, ``vjp_and_gramian``) remember it per fn, weakly (see
+:func:`remembered`). Nothing else is kept: no tensor, nothing that holds fn or a model alive. The
+shapes cannot make a result wrong: the real run checks every tap against the output it is added
+to, and if fn now uses its parameters differently the entry is dropped and fn is run as on a
+first call. The memory belongs to the transform object, as ``jax.jit``'s cache does (the one
+exception to "no state between calls", for a training loop's sake).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
+import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -49,6 +51,10 @@ class Probed:
         made_taps: Whether plain autograd without ``batch_dim`` may take the uses' outputs by
             their gradient edges (see :func:`torchgram._reverse.linearise_made_taps`): False
             once that failed on this signature.
+        random: Whether fn drew random numbers in the run the others were checked against
+            (then the batched run may too: it was checked to draw what the others draw).
+        looped: Whether fn runs sample by sample in a loop where it runs per sample, because
+            ``vmap`` cannot run it (``vmap_error``: the first line of vmap's error).
     """
 
     tap_shapes: TapShapes
@@ -60,6 +66,9 @@ class Probed:
     attention: bool = True
     custom_function: bool = False
     made_taps: bool = True
+    random: bool = False
+    looped: bool = False
+    vmap_error: str = ""
 
 
 class Probes:
@@ -85,9 +94,32 @@ class Probes:
         return len(self._entries)
 
 
-def signature(inputs: Inputs, batch_dim: int | None, has_aux: bool) -> Hashable | None:
-    """Everything that can change which ops fn applies to the parameters, or None when some
-    argument cannot be hashed (then nothing is remembered for that call)."""
+_EAGER: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def remembered(fn: Callable[..., Any]) -> Probes:
+    """The memory of the eager forms (``gramian``, ``vjp_and_gramian``) for ``fn``, kept as long
+    as fn lives and no longer (weakly, as ``torch.compile`` keeps its caches per code object): a
+    loop that calls them with the same fn runs it once per call, as a transform built once
+    does. A bound method is remembered by its object and function (``model.forward`` is a new
+    object each time it is read); a fn that cannot be referenced weakly, or is made anew on each
+    call (a lambda in the loop), is remembered for that call only."""
+    owner, key = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+    if owner is None or key is None:
+        owner, key = fn, None
+    try:
+        table = _EAGER.setdefault(owner, {})
+    except TypeError:  # no weak reference to it
+        return Probes()
+    return table.setdefault(key, Probes())
+
+
+def signature(
+    inputs: Inputs, batch_dim: int | None, has_aux: bool, check_samples: bool
+) -> Hashable | None:
+    """Everything that can change which ops fn applies to the parameters (and whether the first
+    call's checks are due), or None when some argument cannot be hashed (then nothing is
+    remembered for that call)."""
     leaves = tuple(
         (x.shape, x.dtype, x.device) if isinstance(x, Tensor) else (type(x), x)
         for x in (*inputs.params, *inputs.data)
@@ -95,6 +127,7 @@ def signature(inputs: Inputs, batch_dim: int | None, has_aux: bool) -> Hashable 
     key = (
         batch_dim,
         has_aux,
+        check_samples,
         torch.is_grad_enabled(),
         _autocast_state(),
         inputs.argnums,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.func import vjp
 
-from torchgram._guards import captured_write_error
+from torchgram._guards import captured_write_error, restore
 from torchgram._memo import Probed
 from torchgram._pytree import Inputs
 from torchgram._tape import Tape, TapeMismatch, differentiable
@@ -47,52 +47,104 @@ def split_output(result: Any, has_aux: bool, caller: str) -> tuple[Tensor, Any]:
             f"{caller}: fn's output has dtype {out.dtype}; it must be floating-point to have "
             "gradients."
         )
+    if out.is_complex():
+        raise TypeError(
+            f"{caller}: fn's output is complex ({out.dtype}). torchgram computes the Gramian of "
+            "a real output's Jacobian; return its real and imaginary parts as real outputs "
+            "(torch.view_as_real(out)), or the real quantity you optimise (e.g. out.abs())."
+        )
     return out, aux
+
+
+# What torch.func refuses in fn, by the start of its message (torch 2.13), and the error that says
+# why and what to do instead.
+_REFUSALS = (
+    ("mutate a captured Tensor", lambda caller, detail: captured_write_error(caller, detail)),
+    (
+        "In order to use an autograd.Function with functorch transforms",
+        lambda caller, detail: ValueError(
+            f"{caller}: fn calls a custom autograd.Function without a setup_context "
+            "staticmethod, which torch.func transforms (that torchgram runs fn under) cannot "
+            "run. torch.utils.checkpoint(..., use_reentrant=True) is such a Function: pass "
+            "use_reentrant=False. For a Function of your own, split its forward into forward "
+            "and setup_context (see torch.autograd.Function's docs)."
+        ),
+    ),
+    (
+        "You are attempting to call Tensor.requires_grad_()",
+        lambda caller, detail: ValueError(
+            f"{caller}: fn calls requires_grad_() or torch.autograd.grad (a gradient inside "
+            "fn, e.g. a gradient penalty), which torch.func transforms (that torchgram runs fn "
+            "under) refuse; a backward pass inside fn would also run outside the ops the tape "
+            "records. Compute such a term outside fn, or use torch.func.jacrev on the whole "
+            "loss for this Gramian."
+        ),
+    ),
+    (
+        "Cannot access data pointer of Tensor that doesn't have storage",
+        lambda caller, detail: ValueError(
+            f"{caller}: fn reads a tensor's memory directly (x.numpy(), x.tolist(), or an "
+            "extension op without torch.func support), which torch.func transforms (that "
+            "torchgram runs fn under, to learn its shapes and with batch_dim) cannot run. Use "
+            "torch ops (x.item() works outside vmap), or pass batch_dim=None, where fn runs "
+            "once under plain autograd."
+        ),
+    ),
+)
 
 
 @contextlib.contextmanager
 def refuse_mutation(caller: str) -> Iterator[None]:
-    """Turn torch.func's refusal to change a captured tensor in place into an error that says why.
+    """Turn torch.func's refusals of what fn does (a write into a captured tensor, a custom
+    Function it cannot run, a read of a tensor's memory) into errors that say why and what to
+    do instead.
 
-    Both the probe and the real run of fn run inside ``torch.func`` transforms, which refuse the
-    change before it happens.
+    The probe and the runs of fn under torch.func meet them; a write is refused before it
+    happens.
     """
     try:
         yield
     except RuntimeError as error:
-        if "mutate a captured Tensor" not in str(error):
-            raise
-        raise captured_write_error(caller, str(error)) from None
+        text = str(error)
+        for start, explain in _REFUSALS:
+            if start in text:
+                raise explain(caller, text) from None
+        raise
 
 
 def probe(
     fn: Callable[..., Any], inputs: Inputs, per_sample: bool, has_aux: bool, caller: str
-) -> Probed:
-    """Run fn once under a shape-only tape (with ``per_sample``, on its first sample).
+) -> tuple[Probed, Tensor]:
+    """Run fn once under a shape-only tape (with ``per_sample``, on its first sample); return
+    what it learned and fn's output (without a graph).
 
     It runs inside a ``torch.func`` transform, like the real run, so that an in-place change of a
     tensor fn did not create is refused here, before it happens, with an error that says why.
     """
     data = inputs.first(1) if per_sample else inputs.data  # what each vmapped call sees
     tape = Tape(inputs.params, None, caller, per_sample)
-    shapes: list[torch.Size] = []
 
-    def run(unused: Tensor) -> Tensor:
+    def run(unused: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad(), tape:
-            shapes.append(split_output(inputs.call(fn, data), has_aux, caller)[0].shape)
-        return unused
+            out = split_output(inputs.call(fn, data), has_aux, caller)[0]
+        return unused, tape.output(out)
 
-    with refuse_mutation(caller):
-        vjp(run, torch.zeros(()))
+    try:
+        with refuse_mutation(caller):
+            _, _, out = vjp(run, torch.zeros(()), has_aux=True)  # type: ignore[misc]
+    finally:
+        restore(tape.guard.statistics)  # the probe only learns: the real run updates them
     records = [record.shape for record in tape.records]
-    return Probed(
+    probed = Probed(
         tape.tap_shapes,
-        shapes[0],
+        out.shape,
         record_shapes=records,
         output_tap_shapes=tape.output_shapes,
         attention=tape.guard.attention,
         custom_function=tape.guard.custom_function,
+        random=tape.random,
     )
+    return probed, out
 
 
 def check_taps(tape: Tape, probed: Probed, caller: str) -> None:

@@ -109,6 +109,8 @@ def split_inputs(
     entries = _in_dims_entries(in_dims, count, caller)
     others = tuple(args[i] for i in range(count) if i not in argnums)
     data, data_spec = optree.tree_flatten(others, none_is_leaf=True)  # type: ignore[arg-type,var-annotated]
+    if not torch.is_inference_mode_enabled():  # autograd cannot save inference tensors
+        data = [x.clone() if isinstance(x, Tensor) and x.is_inference() else x for x in data]
     dims: list[int | None] = []
     for position, (arg, entry) in enumerate(
         (args[i], entries[i]) for i in range(count) if i not in argnums
@@ -124,7 +126,7 @@ def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
             f"{caller}: params has no leaves, so there is nothing to differentiate. Pass the "
             "parameters as a pytree of tensors, e.g. dict(model.named_parameters())."
         )
-    if all(differentiable(leaf) for leaf in leaves):
+    if all(differentiable(leaf) and not leaf.is_complex() for leaf in leaves):
         if len({id(leaf) for leaf in leaves}) == len(leaves):
             return tuple(leaves), spec
         raise ValueError(_repeated(tree, leaves, caller))
@@ -133,6 +135,12 @@ def _flatten_params(tree: Any, caller: str) -> tuple[tuple[Tensor, ...], Any]:
             raise TypeError(
                 f"{caller}: every leaf of params must be a tensor, but the leaf at {path} is a "
                 f"{type(leaf).__name__}. Pass constants through the other arguments or a closure."
+            )
+        if leaf.is_complex():
+            raise TypeError(
+                f"{caller}: the leaf of params at {path} is complex ({leaf.dtype}). torchgram "
+                "computes J Jᵀ of real Jacobians. Pass its real and imaginary parts as real "
+                "parameters (torch.view_as_real(p)) and rebuild it in fn (torch.view_as_complex)."
             )
         if not differentiable(leaf):
             raise TypeError(
@@ -159,6 +167,11 @@ def _repeated(tree: Any, leaves: list[Any], caller: str) -> str:
 
 
 def _in_dims_entries(in_dims: InDims, count: int, caller: str) -> list[Any]:
+    if isinstance(in_dims, bool):
+        raise TypeError(
+            f"{caller}: in_dims must be an int, None, or a tuple with one entry per positional "
+            f"argument of fn, got {in_dims!r}. Give the dimension of the samples (e.g. 0)."
+        )
     if in_dims is None or isinstance(in_dims, int):
         return [in_dims] * count
     if not isinstance(in_dims, (tuple, list)):
@@ -190,6 +203,11 @@ def _leaf_dims(arg: Any, entry: Any, position: int, caller: str) -> list[int | N
             ) from None
     dims: list[int | None] = []
     for leaf, dim in zip(leaves, entries, strict=True):
+        if isinstance(dim, bool) or not (dim is None or isinstance(dim, int)):
+            raise TypeError(
+                f"{caller}: the in_dims entry of data argument {position} holds {dim!r}; each "
+                "entry must be an int (the dimension of the samples) or None (no samples)."
+            )
         if not isinstance(leaf, Tensor) or dim is None:
             dims.append(None)
             continue

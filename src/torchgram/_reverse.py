@@ -166,18 +166,18 @@ def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
     So that every use's output is in the graph, fn runs on ``params`` made to require grad (copies
     of those that do not; the copies do not make the Gramian differentiable). Only outside
     ``torch.func`` transforms; a write into a tensor fn did not create raises
-    :class:`NeedsTransform` (the caller makes the run another way); any other error but a
-    :class:`~torchgram._tape.TapeMismatch` raises :class:`Unmade` (the caller makes the run
-    another way, which gives the result or the error)."""
+    :class:`NeedsTransform` (the caller makes the run another way); a ``RuntimeError`` of
+    torch's (not a :class:`~torchgram._tape.TapeMismatch`) raises :class:`Unmade` (the caller
+    makes the run another way, which gives the result or the error)."""
     grad_enabled = torch.is_grad_enabled()
     own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)
     copies = tuple(c for c, p in zip(own, params, strict=True) if c is not p)
     try:
         with torch.enable_grad():
             out, aux, taps, shapes = run(own)
-    except (NeedsTransform, TapeMismatch):
+    except TapeMismatch:
         raise
-    except Exception as error:
+    except RuntimeError as error:  # torch's (torchgram's own errors and fn's others propagate)
         raise Unmade from error
     result = _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, copies)
     result.made = True

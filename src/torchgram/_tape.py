@@ -21,7 +21,9 @@ A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FunctionType
@@ -32,7 +34,7 @@ import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
-from torchgram._guards import Guard
+from torchgram._guards import Guard, NeedsTransform, attention
 from torchgram._rnn import RNN_OPS, run_recurrent
 
 Tensor = torch.Tensor
@@ -175,6 +177,15 @@ def _flat_spec(count: int) -> Any:
     return optree.tree_structure(((0,) * count, {}), none_is_leaf=True)  # type: ignore[arg-type]
 
 
+def _math_kernel() -> contextlib.AbstractContextManager[Any]:
+    """scaled_dot_product_attention's math kernel, for one call (choosing it costs about 10 us)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _never(*args: Any, **kwargs: Any) -> bool:
     return False
 
@@ -187,6 +198,30 @@ def _without_dispatch(func: FunctionType) -> FunctionType:
     body = FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
     body.__kwdefaults__ = func.__kwdefaults__
     return body
+
+
+def _level() -> int | None:
+    """The innermost active ``torch.func`` transform's level (None: none is active)."""
+    return torch._C._functorch.maybe_current_level()
+
+
+_APPLY = torch.autograd.Function.apply.__func__.__code__  # type: ignore[attr-defined]
+
+
+def _in_custom_function() -> bool:
+    """Whether the op runs inside a custom ``autograd.Function``'s forward (its ``apply`` is on
+    the stack): looked at only where grad is disabled during a parameter use."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _APPLY:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _output(view: Tensor) -> Tensor:
+    """The use that fn's output is when it is a parameter view (see :meth:`Tape.output`)."""
+    return view
 
 
 def differentiable(value: Any) -> bool:
@@ -229,6 +264,10 @@ class Tape(TorchFunctionMode):
         vmapped: Whether ``fn`` runs under ``vmap`` over the samples (see :meth:`_call`).
         on_outputs: Whether every use is tapped on its outputs, ``PARAMETER_TAPPED`` ops too (fn
             on the whole batch, where a tap on a parameter would give the sum over samples).
+        math_attention: Whether attention runs on its math kernel, the one that vmap can batch:
+            under vmap, and where the pull-back is batched over several rows. The fused CPU
+            kernels have no batching rule (forward or backward), and vmap's fallback loops
+            over the samples or rows (about 4x slower).
 
     A shape-only run (the probe: no taps, none made) also gives in :attr:`output_shapes` the
     shapes the taps would have on the outputs of every use (what a run ``on_outputs`` is checked
@@ -243,12 +282,14 @@ class Tape(TorchFunctionMode):
         per_sample: bool,
         vmapped: bool = False,
         on_outputs: bool = False,
+        math_attention: bool = False,
     ) -> None:
         super().__init__()
         self.caller = caller
         self.guard = Guard(caller, per_sample)
         self.vmapped = vmapped
         self.on_outputs = on_outputs
+        self.math_attention = math_attention
         self._given = tuple(params)
         self._given_views = {
             id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(self._given)
@@ -280,6 +321,7 @@ class Tape(TorchFunctionMode):
         self.records: list[Tensor] = []
         self.tap_shapes: list[TapShape] = []
         self.output_shapes: list[TapShape] = []
+        self.output_view = False  # fn's output is a parameter view (see output)
         self._shapes_only = taps is None and not make_taps  # the probe: output_shapes too
         # with copies, fn may still read the given leaves from a closure while the copies go
         # through its argument: a use of either is a use of the leaf
@@ -302,10 +344,34 @@ class Tape(TorchFunctionMode):
         """Whether fn used randomness in this run (then the sample check is skipped)."""
         return self.guard.random
 
+    def __enter__(self) -> Tape:
+        self._level = _level()  # the torch.func level fn runs at (its own transforms go deeper)
+        return super().__enter__()  # type: ignore[return-value]
+
+    def output(self, out: Any) -> Any:
+        """fn's output, made a use where it is a parameter or a view of one (``p.clone()``,
+        ``p.expand(...)``): an identity whose tap gives its cotangent, the per-sample gradient
+        of that view (without it no use would reach the output, and the Gramian would be 0).
+        Called after fn returns, outside the tape's mode (the tap is no use of its own)."""
+        view = self._views.get(id(out)) if isinstance(out, Tensor) else None
+        if view is None:
+            return out
+        leaves, spec = [out], _flat_spec(1)
+        self.output_view = True
+        stored, data = self._store(leaves, [0])
+        use = Use(_output, spec, stored, data, [0], None, [0], len(self.tap_shapes), True)
+        self.uses.append(use)
+        if self._shapes_only:
+            self.output_shapes.append(_tap_meta(out))
+        return self._tap(out)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = op_name(func)
         self.guard.before(func, name, args, kwargs)
+        if self.math_attention and attention(name):
+            with _math_kernel():
+                return self.guard.after(name, args, self._dispatch(func, name, args, kwargs))
         return self.guard.after(name, args, self._dispatch(func, name, args, kwargs))
 
     def _dispatch(self, func: Callable[..., Any], name: str, args: Any, kwargs: dict) -> Any:
@@ -323,6 +389,15 @@ class Tape(TorchFunctionMode):
         slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in views]
         if not slots:
             return func(*args, **kwargs)
+        if _level() != self._level:
+            raise ValueError(
+                f"{self.caller}: fn applies a torch.func transform of its own (vmap, grad, vjp, "
+                f"jvp, ...) to a computation that uses the parameters ({name}). The tape "
+                "records each use of a parameter where it runs fn, and cannot follow one inside "
+                "a transform that fn opens. Move the transform out of fn (per-sample losses: "
+                "batch_dim instead of vmap in fn), or apply it only to tensors that do not "
+                "depend on the parameters."
+            )
         self.guard.refuse_writes_reading_params(name, kwargs)
         if name in _VIEW_OPS and self._only_tensor(leaves, slots, name):
             return self._follow_view(func, name, leaves, spec, slots[0])
@@ -467,6 +542,10 @@ class Tape(TorchFunctionMode):
     def _store(self, leaves: list[Any], slots: list[int]) -> tuple[list[Any], list[int]]:
         """A use's leaves with ParamView and DataRef in place of tensors (the data recorded),
         and the positions of the data."""
+        if self.made is not None and not torch.is_grad_enabled() and _in_custom_function():
+            # plain autograd differentiates the Function, not these ops: torch.func sees it as
+            # one call, as the probe does
+            raise NeedsTransform("a parameter used in a custom autograd.Function")
         stored: list[Any] = list(leaves)
         data: list[int] = []
         for i, value in enumerate(leaves):

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES
+from torchgram._guards import restore
 from torchgram._linearised import Linearised, Options
-from torchgram._memo import Probes
+from torchgram._memo import Probes, remembered
 from torchgram._pytree import InDims, Inputs, normalize_argnums, split_inputs
 from torchgram._run import linearise
 
@@ -104,14 +105,16 @@ def gramian_of(
         has_aux: fn returns ``(out, aux)``; aux is returned last. With ``batch_dim``, aux tensors
             come back stacked on the samples (at ``batch_dim`` when fn keeps a batch of one
             there, else on a new leading dimension).
-        check_samples: With ``batch_dim``, check on the first two samples that fn run sample by
-            sample equals fn run on them as a batch, and raise if not (ops that mix samples
-            would otherwise give a wrong Gramian). Skipped when fn uses randomness or runs
-            under an outer ``vmap``. The transform returned here runs it on its first call for
-            each signature of the arguments (their structure, and the shape, dtype and device of
-            every tensor) and skips it on later calls with that signature, as it skips the
-            shape-only run of fn that precedes every fresh signature; so build the transform
-            once and call it in the loop. The eager forms check (and probe) on every call.
+        check_samples: The first call's checks, on each signature of the arguments (their
+            structure, and the shape, dtype and device of every tensor). With ``batch_dim``:
+            fn run sample by sample must equal fn run on the whole batch at once, both from
+            the same state of the random generators (ops that mix samples would otherwise give
+            a wrong Gramian). Where a call runs fn more than once, its outputs must agree (fn
+            must not change state that it reads). Raises if not. Later calls on a signature
+            run fn once and check nothing; the eager forms remember the signatures they saw
+            per fn, as long as fn lives. False skips the checks (for ops whose results differ
+            beyond rounding between a batch and its samples: low precision, or random draws
+            laid out by the batch).
         max_chunk_bytes: The largest intermediate, in bytes, that the per-op rules build at
             once (blocks of ``[B, T, B, T]`` ghost products, per-sample gradients, unfolded
             convolution patches); larger work is split into chunks. Bounds peak memory, not
@@ -145,11 +148,11 @@ def _gramian_transform(
     has_aux: bool,
     check_samples: bool,
     max_chunk_bytes: int,
-    probes: Probes | None,
+    probes: Probes,
+    name: str = "gramian_of",
 ) -> Callable[..., Any]:
-    """:func:`gramian_of`'s function, with its memory (None: it remembers nothing, as the eager
-    :func:`gramian`)."""
-    caller = f"gramian_of(fn, batch_dim={batch_dim})"
+    """:func:`gramian_of`'s function, with its memory (``name``: the public function called)."""
+    caller = f"{name}(fn, batch_dim={batch_dim})"
     options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
     numbers = normalize_argnums(argnums, caller)
 
@@ -190,8 +193,9 @@ def gramian(
         torch.Size([8, 8])
     """
     transform = _gramian_transform(
-        fn, 0, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes, None
-    )
+        fn, 0, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes, remembered(fn),
+        "gramian",
+    )  # fmt: skip
     return transform(params, *args)
 
 
@@ -238,7 +242,7 @@ def vjp_and_gramian(
     """
     caller = f"vjp_and_gramian(fn, batch_dim={batch_dim})"
     options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
-    inputs, run = _linearise(fn, (params, *args), (0,), in_dims, options)
+    inputs, run = _linearise(fn, (params, *args), (0,), in_dims, options, remembered(fn))
     out = run.out
 
     def vjp_fn(weights: Tensor) -> Any:
@@ -308,8 +312,30 @@ def jd_grad(
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
         inputs, run = _linearise(fn, args, numbers, in_dims, options, probes)
-        weights = weighting(run.gramian())
+        try:
+            weights = _checked_weights(weighting(run.gramian()), run.out, caller)
+        except Exception:
+            restore(run.statistics)  # a call that fails leaves the running statistics as found
+            raise
         direction = inputs.unflatten_params(run.vjp(weights))
         return (direction, run.aux) if has_aux else direction
 
     return wrapper
+
+
+def _checked_weights(weights: Any, out: Tensor, caller: str) -> Tensor:
+    """The weighting's result, checked: one weight per element of fn's output."""
+    if not isinstance(weights, Tensor):
+        raise TypeError(
+            f"{caller}: weighting returned a {type(weights).__name__}; it must return a tensor "
+            f"of weights shaped like fn's output {list(out.shape)}, as the functions of "
+            "torchgram.weightings do. Wrap a custom result in torch.as_tensor."
+        )
+    if weights.shape != out.shape:
+        raise ValueError(
+            f"{caller}: weighting returned weights of shape {list(weights.shape)}, but fn's "
+            f"output has shape {list(out.shape)}: one weight per output element is needed. A "
+            "weighting of an [m, m] Gramian should reshape its weights to the output's shape "
+            "(torchgram.weightings do, for a generalized Gramian)."
+        )
+    return weights.to(out.dtype)

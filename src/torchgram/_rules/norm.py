@@ -1,5 +1,6 @@
-"""``layer_norm`` tapped on its output (the batched run): its affine parameters' per-sample
-gradients in closed form, ``sum c * x_hat`` and ``sum c``.
+"""Norms: ``layer_norm`` tapped on its output (the batched run), its affine parameters' per-sample
+gradients in closed form, ``sum c * x_hat`` and ``sum c``; and ``instance_norm`` with running
+statistics, replayed without them.
 
 Under ``vmap`` layer_norm is tapped on its parameters and needs no rule. Where it is tapped on its
 output, the generic rule would give the same gradients through ``vmap`` of the op's vjp with
@@ -9,13 +10,16 @@ respect to the weight, whose derivatives torch 2.13 gets wrong (the Gramian's gr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+import optree
 import torch
 
 from torchgram._factors import Dense
 from torchgram._rules.common import Contribution, Rule, argument, data_and_params
-from torchgram._tape import Use
+from torchgram._rules.generic import generic_factors
+from torchgram._tape import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
 
@@ -56,4 +60,31 @@ def layer_norm_rule(
     return out
 
 
-RULES: dict[str, Rule] = {"layer_norm": layer_norm_rule}
+def instance_norm_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``instance_norm`` normalising with the input's own statistics, and running statistics
+    given: the generic rule on the op without them. They do not change its output, but the
+    kernel would update them again on every replay of the op."""
+    args, kwargs = use.arguments()
+    functional = use.func is torch.nn.functional.instance_norm
+    stats = (1, 2) if functional else (3, 4)
+    own = argument(args, kwargs, 5, "use_input_stats")
+    names = ("running_mean", "running_var")
+    given = [argument(args, kwargs, p, n) for p, n in zip(stats, names, strict=True)]
+    if (own is not None and not own) or all(g is None for g in given):
+        return None  # the generic rule on the op as it is
+    args = tuple(None if i in stats else a for i, a in enumerate(args))
+    kwargs = {k: None if k in names else v for k, v in kwargs.items()}
+    leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type,var-annotated]
+    quiet = dataclasses.replace(
+        use,
+        spec=spec,
+        leaves=leaves,
+        data=[i for i, v in enumerate(leaves) if isinstance(v, DataRef)],
+        params=[i for i, v in enumerate(leaves) if isinstance(v, ParamView)],
+    )
+    return generic_factors(quiet, records, cotangents)
+
+
+RULES: dict[str, Rule] = {"layer_norm": layer_norm_rule, "instance_norm": instance_norm_rule}

@@ -1,0 +1,169 @@
+"""The run of ``fn`` on all its data at once: every call without ``batch_dim``, and each sample of
+a looped run (see :mod:`torchgram._per_sample`).
+
+Its rows are fn's output elements. Outside ``torch.func`` transforms it is plain autograd on copies
+of the parameters that require grad, and each use's output is taken by its gradient edge as the
+run meets it (see :func:`torchgram._reverse.linearise_made_taps`): nothing needs to be known
+before the run, so fn runs once. Where that cannot be (inside a transform, inference mode, a
+custom ``autograd.Function``, a write fn must be refused for), the run takes zero taps of the
+shapes a probe learned (see :mod:`torchgram._probe`) and ``torch.func.vjp`` or leaf taps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+
+from torchgram._linearised import Linearised, Options
+from torchgram._memo import Probed
+from torchgram._probe import check_taps, refuse_mutation, split_output
+from torchgram._pytree import Inputs
+from torchgram._reverse import (
+    Reverse,
+    Tap,
+    linearise_made_taps,
+    linearise_taps,
+    pull_back,
+    transform_active,
+)
+from torchgram._tape import Tape, TapShape
+
+Tensor = torch.Tensor
+
+
+def linearise_whole(
+    fn: Callable[..., Any],
+    inputs: Inputs,
+    options: Options,
+    probed: Probed | None,
+    per_sample: bool = False,
+) -> tuple[Linearised, Probed]:
+    """fn on ``inputs`` under the tape, one batch of rows: its output elements.
+
+    ``probed``: what a probe (or an earlier run) learned on this signature; None to learn it
+    from this run, which then must be plain autograd with made taps (it raises
+    :class:`~torchgram._guards.NeedsTransform` or :class:`~torchgram._reverse.Unmade` where it
+    cannot be: then probe and call again). ``per_sample``: the data is one sample of a looped
+    run (ops that mix samples are refused). Returns the run and what it learned.
+    """
+    known = probed is not None
+    taps = _zero_taps(probed.tap_shapes, None) if probed is not None else ()
+    # several rows (or not known yet): attention's kernel must be one vmap can batch
+    several = probed is None or probed.shape.numel() > 1
+    tape = Tape(
+        inputs.params, taps if known else None, options.caller, per_sample, math_attention=several
+    )
+    box = _Aux()
+
+    def run(
+        taps: tuple[Tensor, ...] | None, watch: bool, params: tuple[Tensor, ...] | None = None
+    ) -> tuple[Tensor, Any]:
+        tape.start(taps, watch, make_taps=params is not None, params=params)
+        with tape:
+            out, aux = split_output(
+                inputs.call(fn, inputs.data, params), options.has_aux, options.caller
+            )
+        out = tape.output(out)
+        if params is not None and options.has_aux:  # the caller's parameters, not the copies
+            originals = {id(c): p for c, p in zip(params, inputs.params, strict=True)}
+            aux = optree.tree_map(
+                lambda x: originals.get(id(x), x) if isinstance(x, Tensor) else x,
+                aux,
+                none_is_leaf=True,
+            )
+        return out, (tuple(tape.records), box.pack(aux))
+
+    def made(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
+        out, aux = run(taps if known else None, True, params)
+        return out, aux, tape.made or [], tape.tap_shapes
+
+    with refuse_mutation(options.caller):
+        if probed is None:
+            reverse = linearise_made_taps(made, inputs.params)
+        else:
+            reverse = linearise_taps(
+                run,
+                taps,
+                made if probed.made_taps else None,
+                inputs.params,
+                autograd=not probed.custom_function,
+            )
+    out, (records, aux) = reverse.out, reverse.aux
+    if probed is None:
+        probed = _learned(tape, out, records)
+    else:
+        if reverse.made is False:  # not tried again on this signature
+            probed.made_taps = False
+        check_taps(tape, probed, options.caller)
+    cotangents = pull_rows(reverse, tape, out.shape) if tape.tap_shapes and out.numel() else []
+    linearised = Linearised(
+        out,
+        box.unpack(aux),
+        tape.uses,
+        [r.unsqueeze(0) for r in records],
+        [c.unsqueeze(1) for c in cotangents],
+        inputs.params,
+        None,
+        options.chunk_bytes,
+    )
+    linearised.random = tape.random
+    linearised.statistics = tape.guard.statistics
+    return linearised, probed
+
+
+def _learned(tape: Tape, out: Tensor, records: tuple[Tensor, ...]) -> Probed:
+    """What a probe would have learned, from a run that made its taps."""
+    return Probed(
+        list(tape.tap_shapes),
+        out.shape,
+        record_shapes=[r.shape for r in records],
+        attention=tape.guard.attention,
+    )
+
+
+class _Aux:
+    """Carries aux across ``vjp`` (which takes only tensors): the structure stays here."""
+
+    def __init__(self) -> None:
+        self._spec: Any = None
+        self._leaves: list[Any] = []
+
+    def pack(self, aux: Any) -> tuple[Tensor, ...]:
+        self._leaves, self._spec = optree.tree_flatten(aux, none_is_leaf=True)
+        return tuple(x for x in self._leaves if isinstance(x, Tensor))
+
+    def unpack(self, tensors: tuple[Tensor, ...]) -> Any:
+        given = iter(tensors)
+        leaves = [next(given) if isinstance(x, Tensor) else x for x in self._leaves]
+        return optree.tree_unflatten(self._spec, leaves)
+
+
+def _zero_taps(shapes: list[TapShape], batch: int | None) -> tuple[Tensor, ...]:
+    """One zero per tapped output: a broadcast scalar (one per dtype and device), so the taps
+    take no memory."""
+    lead = () if batch is None else (batch,)
+    zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    for _, dtype, device in shapes:
+        if (dtype, device) not in zeros:
+            zeros[dtype, device] = torch.zeros((), dtype=dtype, device=device)
+    return tuple(zeros[dtype, device].expand((*lead, *shape)) for shape, dtype, device in shapes)
+
+
+def pull_rows(reverse: Reverse, tape: Tape, per_sample: torch.Size) -> list[Tensor]:
+    """:func:`~torchgram._reverse.pull_back`, the rows one at a time under ``torch.func.vjp``
+    where the Gramian is differentiated (an outer ``grad``, or ``jvp``) and fn calls a norm
+    whose affine weight depends on the parameters (``torchgram._guards.WEIGHTED_NORMS``).
+    There torch 2.13's ``vmap`` over the rows of a pull-back gives the right gradients of the
+    weight but wrong derivatives of them (of the Gramian): layer_norm's with
+    ``batch_dim=None`` were 5.1e3 off, against the loop of ``autograd.grad`` over rows and the
+    closed form (jacrev has the same fault). Plain autograd's batched pull-back
+    (``is_grads_batched``) is exact there."""
+    apart = (  # the cheap tests first: this runs on every call
+        tape.weighted_norm
+        and reverse.functional
+        and (reverse.differentiable or transform_active("Jvp"))
+    )
+    return pull_back(reverse, per_sample, row_by_row=apart)
