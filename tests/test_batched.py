@@ -196,12 +196,36 @@ def _per_sample_loop(p, x):  # one use per sample: a different tape on the batch
     return torch.stack([torch.tanh(xi @ p["w"].T) @ p["v"][0] for xi in x.unbind(0)])
 
 
-@pytest.mark.parametrize("fn", [_parameter_only, _merged, _per_sample_loop])
+@pytest.mark.parametrize("fn", [_parameter_only, _per_sample_loop])
 def test_vmap_where_the_batched_run_does_not_fit(runs, fn) -> None:
-    p = _params()
-    x = torch.randn(B, T, DIN, dtype=D) if fn is _merged else torch.randn(B, DIN, dtype=D)
-    _exact(fn, p, x)
+    _exact(fn, _params(), torch.randn(B, DIN, dtype=D))
     assert runs == ["vmap", "vmap"]
+
+
+def _positions(p, x):  # x [B, T, d_in]: a position embedding of ids that no sample owns
+    positions = F.embedding(torch.arange(T)[None], p["w"].T[:T])  # [1, T, d_out]
+    return torch.tanh(F.linear(x, p["w"]) + positions).sum(1) @ p["v"][0]
+
+
+def _merged_inner(p, x):  # samples merged inside a dimension, not as its outer factor
+    h = F.linear(x.transpose(0, 1).reshape(-1, DIN), p["w"], p["b"]).reshape(T, x.shape[0], DOUT)
+    return torch.tanh(h).sum(0) @ p["v"][0]
+
+
+@pytest.mark.parametrize("fn", [_merged, _positions])
+def test_batched_with_merged_samples_and_shared_outputs(runs, fn) -> None:
+    """Samples merged with the tokens as their outer factor (``x.reshape(-1, d)``, as
+    transformers' GPT-2 does), and an output that no sample owns (position embeddings, expanded
+    to the batch so that its tap holds each sample's cotangent): the batched run, exact."""
+    _exact(fn, _params(), torch.randn(B, T, DIN, dtype=D))
+    assert runs == ["vmap", "batched", "batched"]
+
+
+def test_samples_merged_as_the_inner_factor_are_not_batched(runs) -> None:
+    """The shapes fit, but the rows are not the samples the run takes them for: its Gramian
+    differs from the vmapped run's, and the vmapped run is kept."""
+    _exact(_merged_inner, _params(), torch.randn(B, T, DIN, dtype=D))
+    assert runs == ["vmap", "batched", "vmap"]
 
 
 def test_vmap_for_aux_and_unchecked_samples(runs) -> None:
@@ -333,7 +357,8 @@ def test_sample_dim_and_stacking() -> None:
     assert sample_dim(torch.Size([4, 3]), torch.Size([1, 3]), 4) == 0
     assert sample_dim(torch.Size([3, 4]), torch.Size([3, 1]), 4) == 1
     assert sample_dim(torch.Size([3, 5]), torch.Size([3, 5]), 4) == SHARED
-    assert sample_dim(torch.Size([12, 5]), torch.Size([3, 5]), 4) is None  # merged
+    assert sample_dim(torch.Size([12, 5]), torch.Size([3, 5]), 4) == 0  # merged, outer
+    assert sample_dim(torch.Size([13, 5]), torch.Size([3, 5]), 4) is None
     assert sample_dim(torch.Size([4, 4]), torch.Size([1, 1]), 4) is None
     assert sample_dim(torch.Size([4]), torch.Size([1, 1]), 4) is None
     x = torch.randn(3, 4, 5)  # samples at dim 1
@@ -342,6 +367,8 @@ def test_sample_dim_and_stacking() -> None:
     assert torch.equal(stacked[2, :, 0], x[:, 2])
     c = torch.randn(2, 3, 4)  # [K, *shape], samples at dim 1 of the shape
     assert torch.equal(as_stacked(c, 1, 1, 4)[:, 3, :, 0], c[:, :, 3])
+    merged = torch.randn(2, 12, 5)  # [K, B * 3, 5]: sample-major rows
+    assert torch.equal(as_stacked(merged, 0, 1, 4), merged.view(2, 4, 3, 5))
     shared = as_stacked(torch.randn(3, 5), SHARED, 0, 4)
     assert shared.shape == (4, 3, 5) and torch.equal(shared[0], shared[3])
 

@@ -203,6 +203,7 @@ def linearise_batched(
         inputs.params, None, options.caller, per_sample=True, on_outputs=True,
         math_attention=several,
     )  # fmt: skip
+    tape.samples = ([shape for shape, _, _ in probed.output_tap_shapes], batch)
 
     def run(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
         tape.start(None, watch=True, make_taps=True, params=params)

@@ -290,6 +290,8 @@ class Tape(TorchFunctionMode):
         self.vmapped = vmapped
         self.on_outputs = on_outputs
         self.math_attention = math_attention
+        # (one-sample shapes of the taps, batch size): see _with_samples
+        self.samples: tuple[list[torch.Size], int] | None = None
         self._given = tuple(params)
         self._given_views = {
             id(leaf): ParamView(position, leaf, None) for position, leaf in enumerate(self._given)
@@ -517,10 +519,31 @@ class Tape(TorchFunctionMode):
         if self._shapes_only:
             self.output_shapes.extend(_tap_meta(out_leaves[i]) for i in tapped)
         for i in tapped:
+            value = self._with_samples(out_leaves[i])
             # an output that is one of the op's inputs has no gradient edge of its own
-            own = self.made is not None and all(out_leaves[i] is not x for x in leaves)
-            out_leaves[i] = self._tap(out_leaves[i], output=own)
+            own = self.made is not None and all(value is not x for x in leaves)
+            out_leaves[i] = self._tap(value, output=own)
         return out_leaves[0] if single else optree.tree_unflatten(out_spec, out_leaves)
+
+    def _with_samples(self, value: Tensor) -> Tensor:
+        """In a run on the whole batch (``samples``), an output that holds no samples (the same
+        shape as on one sample: position embeddings of shared position ids) is expanded to the
+        batch on its one dimension of size 1, so that its tap holds each sample's cotangent
+        apart. The values fn computes do not change; where fn then relies on that dimension
+        being 1, the run fails or its Gramian differs from the per-sample run's, and it is not
+        used (see torchgram._run)."""
+        if self.samples is None:
+            return value
+        ones, batch = self.samples
+        position = len(self.tap_shapes)
+        if position >= len(ones) or value.shape != ones[position]:
+            return value
+        single = [d for d, size in enumerate(value.shape) if size == 1]
+        if len(single) != 1:
+            return value
+        shape = list(value.shape)
+        shape[single[0]] = batch
+        return value.expand(shape)
 
     def _record_on_params(
         self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int]
