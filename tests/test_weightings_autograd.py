@@ -67,3 +67,50 @@ def test_state_is_an_immutable_named_tuple_threaded_through_calls() -> None:
         s2.phi = torch.zeros(3, 3)  # type: ignore[misc]
     w, s = W.cr_mogm(G, weighting=W.mean)
     assert isinstance(s, W.CRMOGMState) and torch.equal(s.weights, w)
+
+
+def _rank_deficient() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``J`` [5, 2] (so ``J Jᵀ`` has rank 2), a direction ``E`` for it and a vector ``c``."""
+    generator = torch.Generator().manual_seed(0)
+    J, E, c = (
+        torch.randn(*shape, generator=generator).double() for shape in [(5, 2), (5, 2), (5,)]
+    )
+    return J, E, c
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+def test_aligned_mtl_derivative_at_a_rank_deficient_gramian(scale_mode: str) -> None:
+    # Along perturbations that keep the rank, G(t) = (J + tE)(J + tE)ᵀ, the weights are smooth and
+    # the gradient with respect to G gives their derivative (oracle: central differences).
+    J, E, c = _rank_deficient()
+    f = lambda G: W.aligned_mtl(G, scale_mode=scale_mode) @ c
+    G = (J @ J.T).requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(G), G)
+    t = 1e-6
+    finite_difference = (f((J + t * E) @ (J + t * E).T) - f((J - t * E) @ (J - t * E).T)) / (2 * t)
+    directional = (grad * (E @ J.T + J @ E.T)).sum()
+    torch.testing.assert_close(directional, finite_difference, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+def test_aligned_mtl_is_discontinuous_across_the_null_space(scale_mode: str) -> None:
+    # As documented: lifting a zero eigenvalue above the rounding level moves the weights by O(1)
+    # however small the lift, and the gradient is zero in those directions.
+    J, _, c = _rank_deficient()
+    f = lambda G: W.aligned_mtl(G, scale_mode=scale_mode) @ c
+    G = (J @ J.T).requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(G), G)
+    Q, _, _ = torch.linalg.svd(J)
+    null = Q[:, 2:] @ Q[:, 2:].T  # projector onto the null space of G
+    assert (null @ grad @ null).abs().max() < 1e-12 * grad.abs().max()
+    q = Q[:, 2]
+    for t in [1e-6, 1e-9]:
+        assert (f(G.detach() + t * torch.outer(q, q)) - f(G.detach())).abs() > 1e-2
+
+
+@pytest.mark.parametrize("f", [W.fairgrad, W.nash_mtl])
+def test_fair_weightings_have_a_zero_gradient_where_no_solution_exists(f) -> None:  # type: ignore[no-untyped-def]
+    u = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    G = torch.outer(u, u).requires_grad_(True)  # Pareto-stationary: zero weights
+    (grad,) = torch.autograd.grad(f(G) @ torch.arange(3.0).double(), G)
+    assert torch.equal(grad, torch.zeros_like(grad))

@@ -16,6 +16,13 @@ is ``Jᵀw``. Every weighting is a function ``name(G, **options) -> w``:
 All weightings are pure torch (any device and dtype) and work under ``torch.func.vmap`` over a
 stack of Gramians; the random ones (``random``, ``pcgrad``, ``gradvac``) need
 ``randomness="same"`` or ``"different"`` there and no explicit generator.
+
+Degenerate Gramians: a ``G`` holding NaN or inf raises a ``ValueError`` (under ``vmap`` or
+``torch.compile``, where an error cannot depend on values, the weights are NaN instead). A float16
+or bfloat16 ``G`` is computed in float32 and its weights returned in its dtype. An empty ``G``
+(``m = 0``) gives empty weights (``krum`` raises: it needs ``m >= n_byzantine + 3``). What each
+weighting returns for a zero, rank-deficient or slightly indefinite ``G``, and for ``m = 1``, is in
+its docstring.
 """
 
 from ._aligned_mtl import aligned_mtl

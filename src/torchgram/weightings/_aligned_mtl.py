@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._shapes import _check_vector, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _check_vector, _to_matrix, _uniform
+from ._spectral import _kept_eigenvalues
 
 _SCALE_MODES = ("min", "median", "rmse")
 
@@ -28,8 +29,7 @@ def _kept_eigenvalue_scale(eigenvalues: Tensor, keep: Tensor, scale_mode: str) -
 def _balance_matrix(G: Tensor, scale_mode: str) -> Tensor:
     """The balance transformation ``B = sqrt(s) V Σ^{-1/2} Vᵀ`` on the numerical range of G."""
     eigenvalues, V = torch.linalg.eigh(G)
-    tol = eigenvalues[-1] * G.shape[0] * torch.finfo(G.dtype).eps
-    keep = eigenvalues > tol
+    keep = _kept_eigenvalues(eigenvalues)
     inv_sqrt = torch.where(keep, torch.rsqrt(torch.where(keep, eigenvalues, 1.0)), 0.0)
     scale = _kept_eigenvalue_scale(eigenvalues, keep, scale_mode)
     B = torch.sqrt(scale.clamp(min=0.0)) * (V * inv_sqrt) @ V.mT
@@ -46,12 +46,21 @@ def aligned_mtl(
     """Weights of Aligned-MTL: ``w = B pref`` with ``B`` the balance transformation.
 
     Senushkin et al. (2023), Algorithm 1, as in TorchJD: with ``G = V Λ Vᵀ`` restricted to the
-    eigenvalues above ``λmax * m * eps``, ``B = sqrt(s) V Λ^{-1/2} Vᵀ`` where ``s`` is the smallest
-    (``"min"``), the lower median (``"median"``) or the mean (``"rmse"``) of those eigenvalues.
-    The rows of ``B J`` are orthogonal with equal norms ``sqrt(s)``.
+    eigenvalues above the rounding level (``λmax * m * eps``, or the size of the most negative
+    eigenvalue when larger: see ``imtl_g``), ``B = sqrt(s) V Λ^{-1/2} Vᵀ`` where ``s`` is the
+    smallest (``"min"``), the lower median (``"median"``) or the mean (``"rmse"``) of those
+    eigenvalues. The rows of ``B J`` are orthogonal with equal norms ``sqrt(s)``.
 
-    Differentiable where the eigenvalues are distinct (through ``torch.linalg.eigh``). A zero
-    Gramian gives ``w = pref``; on a rank-deficient one only the numerical range is used.
+    Differentiable where the kept eigenvalues are distinct (through ``torch.linalg.eigh``). At a
+    rank-deficient ``G`` the weights are not even continuous: a perturbation lifting a zero
+    eigenvalue above the rounding level (``G + t q qᵀ``, ``q`` in the null space) adds a direction
+    and moves the weights by ``O(1)`` however small ``t``. The gradient there is the derivative
+    along the perturbations that keep the rank (those of ``G = J Jᵀ`` through a ``J`` with fewer
+    columns than rows), and zero across the null space.
+
+    Degenerate Gramians: a zero ``G`` gives ``w = pref``, and so does ``m = 1``. On a
+    rank-deficient or slightly indefinite one only the numerical range is used: a rank-1
+    ``G = u uᵀ`` gives ``(uᵀpref / uᵀu) u``.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -77,8 +86,7 @@ def aligned_mtl(
             f"{call}: expected scale_mode in {_SCALE_MODES}, got {scale_mode!r}. "
             "Use 'min' (the default)."
         )
-    if pref is None:
-        u = torch.full((M.shape[0],), 1.0 / M.shape[0], dtype=M.dtype, device=M.device)
-    else:
-        u = _check_vector(pref, shape, M, call, "pref")
-    return _unflatten_weights(_balance_matrix(M, scale_mode) @ u, shape)
+    u = _uniform(M) if pref is None else _check_vector(pref, shape, M, call, "pref")
+    if M.shape[0] == 0:  # no rows: no eigenvalue to scale by
+        return _as_weights(u, G)
+    return _as_weights(_balance_matrix(M, scale_mode) @ u, G)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from ._shapes import _check_vector, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _check_vector, _to_matrix, _uniform
 
 
 def mean(G: Tensor) -> Tensor:
@@ -15,7 +13,8 @@ def mean(G: Tensor) -> Tensor:
 
     Args:
         G: Gramian ``[m, m]``, or generalized Gramian of shape ``S + S[::-1]`` (e.g.
-            ``[B, K, K, B]``). Only its shape, dtype and device are used.
+            ``[B, K, K, B]``). Only its shape, dtype and device are used (and its values checked
+            to be finite): a zero, rank-deficient or indefinite ``G`` changes nothing.
 
     Returns:
         Weights of shape ``S`` (``[m]``, ``[B, K]``, ...), all ``1/m`` with ``m = prod(S)``.
@@ -26,9 +25,8 @@ def mean(G: Tensor) -> Tensor:
         >>> mean(torch.eye(4))
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
     """
-    M, shape = _to_matrix(G, "mean(G)")
-    m = M.shape[0]
-    return _unflatten_weights(torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device), shape)
+    M, _ = _to_matrix(G, "mean(G)")
+    return _as_weights(_uniform(M), G)
 
 
 def sum(G: Tensor) -> Tensor:
@@ -36,7 +34,7 @@ def sum(G: Tensor) -> Tensor:
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``. Only its shape, dtype and
-            device are used.
+            device are used (and its values checked to be finite).
 
     Returns:
         Weights of shape ``S``, all equal to 1.
@@ -47,15 +45,16 @@ def sum(G: Tensor) -> Tensor:
         >>> weightings.sum(torch.eye(3))
         tensor([1., 1., 1.])
     """
-    M, shape = _to_matrix(G, "sum(G)")
-    return _unflatten_weights(torch.ones(M.shape[0], dtype=M.dtype, device=M.device), shape)
+    M, _ = _to_matrix(G, "sum(G)")
+    return _as_weights(torch.ones(M.shape[0], dtype=M.dtype, device=M.device), G)
 
 
 def constant(G: Tensor, *, weights: Tensor) -> Tensor:
     """Fixed weights, whatever the Gramian.
 
     Args:
-        G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
+        G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``. Only its shape, dtype and
+            device are used (and its values checked to be finite).
         weights: The weights, of shape ``S`` or ``[m]``.
 
     Returns:
@@ -72,7 +71,7 @@ def constant(G: Tensor, *, weights: Tensor) -> Tensor:
     """
     M, shape = _to_matrix(G, "constant(G, weights)")
     w = _check_vector(weights, shape, M, "constant(G, weights)", "weights")
-    return _unflatten_weights(w, shape)
+    return _as_weights(w, G)
 
 
 def random(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -85,7 +84,7 @@ def random(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``. Only its shape, dtype and
-            device are used.
+            device are used (and its values checked to be finite).
         generator: The random number generator to draw from; ``None`` uses torch's global one.
 
     Returns:
@@ -98,7 +97,6 @@ def random(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         >>> w.shape, bool(w.sum().isclose(torch.tensor(1.0)))
         (torch.Size([3]), True)
     """
-    M, shape = _to_matrix(G, "random(G)")
-    m = math.prod(shape)
-    noise = torch.randn(m, dtype=M.dtype, device=M.device, generator=generator)
-    return _unflatten_weights(torch.softmax(noise, dim=-1), shape)
+    M, _ = _to_matrix(G, "random(G)")
+    noise = torch.randn(M.shape[0], dtype=M.dtype, device=M.device, generator=generator)
+    return _as_weights(torch.softmax(noise, dim=-1), G)

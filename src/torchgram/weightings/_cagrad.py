@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _check_positive_int, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _check_positive_int, _to_matrix, _uniform
 
 
 def _project_simplex(y: Tensor) -> Tensor:
@@ -31,8 +31,9 @@ def _solve_cagrad_dual(G: Tensor, sqrt_phi: Tensor, max_iters: int) -> Tensor:
     x = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
     y = x
     for k in range(max_iters):
-        norm = torch.sqrt((y @ G @ y).clamp(min=0.0) + tiny)
-        grad = b + sqrt_phi * (G @ y) / norm
+        Gy = G @ y
+        norm = torch.sqrt((y @ Gy).clamp(min=0.0) + tiny)
+        grad = b + sqrt_phi * Gy / norm
         x_next = _project_simplex(y - grad / (lam_max * (1.0 + sqrt_phi / norm)))
         y = x_next + (k / (k + 3)) * (x_next - x)
         x = x_next
@@ -52,6 +53,10 @@ def cagrad(G: Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, max_iters: int 
     Not differentiable (an iterative solve through sorting); gradients flow but are not tested.
     Invariant to scaling ``G`` (up to the ``norm_eps`` threshold).
 
+    Degenerate Gramians: a zero ``G`` gives zero weights (above). The norms are clamped at zero,
+    so a rank-deficient or slightly indefinite ``G`` gives finite weights. ``m = 1`` gives
+    ``[1 + c]`` (``[0]`` for a zero ``G``).
+
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
         c: Radius of the ball around the mean gradient, relative to its norm (``>= 0``).
@@ -68,17 +73,18 @@ def cagrad(G: Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, max_iters: int 
         tensor([0.5000, 0.9330])
     """
     call = "cagrad(G)"
-    M, shape = _to_matrix(G, call)
+    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not c >= 0 or not norm_eps >= 0:
         raise ValueError(f"{call}: expected c >= 0 and norm_eps >= 0, got c={c!r}, {norm_eps=!r}.")
     m = M.shape[0]
+    if m == 0:  # no rows: the dual has no variable (and no largest eigenvalue)
+        return _as_weights(_uniform(M), G)
     trace = torch.diagonal(M).sum()
     small = trace < norm_eps
     Gn = torch.where(small, torch.zeros_like(M), M / torch.where(small, 1.0, trace))
     sqrt_phi = c * torch.sqrt(Gn.sum().clamp(min=0.0)) / m
     u = _solve_cagrad_dual(Gn, sqrt_phi, max_iters)
     norm = torch.sqrt((u @ Gn @ u).clamp(min=0.0))
-    uniform = torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device)
-    w = uniform + sqrt_phi / torch.where(norm >= norm_eps, norm, 1.0) * u
-    return _unflatten_weights(torch.where(norm >= norm_eps, w, torch.zeros_like(w)), shape)
+    w = _uniform(M) + sqrt_phi / torch.where(norm >= norm_eps, norm, 1.0) * u
+    return _as_weights(torch.where(norm >= norm_eps, w, torch.zeros_like(w)), G)

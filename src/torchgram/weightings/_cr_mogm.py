@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from ._shapes import _check_gramian, _check_in_range, _output_shape
+from ._shapes import _as_weights, _check_gramian, _check_in_range, _compute_dtype, _output_shape
 
 
 class CRMOGMState(NamedTuple):
@@ -36,8 +36,10 @@ def cr_mogm(
 
     Stateful: ``w, state = cr_mogm(G, weighting=f, state=state)``. ``weighting`` must be a
     stateless weighting ``G -> w`` (configure it with ``functools.partial``). Differentiable when
-    ``weighting`` is (the state is part of the graph; detach it between steps if needed). A zero
-    Gramian behaves as ``weighting`` does.
+    ``weighting`` is (the state is part of the graph; detach it between steps if needed).
+    Degenerate Gramians behave as in ``weighting``; a ``G`` holding NaN or inf raises before
+    ``weighting`` is called. For a float16 or bfloat16 ``G`` the average is taken, and the state
+    kept, in float32.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -69,12 +71,13 @@ def cr_mogm(
             f"{call}: expected weighting to be a callable G -> w, got {type(weighting).__name__}. "
             "Pass e.g. torchgram.weightings.mgda."
         )
-    current = weighting(G)
+    dtype = _compute_dtype(G.dtype)
+    current = weighting(G).to(dtype)
     if state is not None:
-        previous = state.weights
+        previous = state.weights.to(dtype)
         where = "state.weights"
     elif initial_weights is not None:
-        previous = initial_weights.to(dtype=current.dtype, device=current.device)
+        previous = initial_weights.to(dtype=dtype, device=current.device)
         where = "initial_weights"
     else:
         previous, where = current, "weights"
@@ -84,4 +87,4 @@ def cr_mogm(
             "number of rows changed: start again with state=None."
         )
     smoothed = alpha * previous + (1.0 - alpha) * current
-    return smoothed, CRMOGMState(smoothed)
+    return _as_weights(smoothed, G), CRMOGMState(smoothed)

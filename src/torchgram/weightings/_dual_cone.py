@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._shapes import _compute_dtype
+
 
 def _normalize_regularize(G: Tensor, norm_eps: float, reg_eps: float) -> Tensor:
     """Returns ``G / trace(G) + reg_eps * I``, or ``reg_eps * I`` when ``trace(G) < norm_eps``."""
@@ -108,7 +110,9 @@ def _project_weights(
     ``G'`` is ``G`` [m, m] normalised by its trace and regularised (see the module docstring).
     Computed in float32 at least, without gradient. ``tol=None`` picks a tolerance from the dtype.
     """
-    dtype = G.dtype if G.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = _compute_dtype(G.dtype)
+    if G.shape[-1] == 0:  # no rows: nothing to solve (and eigh's extreme eigenvalues are undefined)
+        return U.detach().to(G.dtype)
     with torch.no_grad():
         G_reg = _normalize_regularize(G.detach().to(dtype), norm_eps, reg_eps)
         scale = G_reg.diagonal().rsqrt()

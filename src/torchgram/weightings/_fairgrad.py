@@ -5,25 +5,64 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _check_positive_int, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _can_read, _check_positive_int, _to_matrix, _uniform
+
+# A relative residual above this after the Newton steps means that no positive solution was found:
+# G is (numerically) Pareto-stationary, and the residual stays at 1 or above. A solution has a
+# residual at rounding level, which ill-conditioning can raise to about 1e-2 in float32.
+_UNSOLVED = 0.1
+
+
+def _relative_residual(G: Tensor, w: Tensor, power: float) -> Tensor:
+    """``max_i |(G w)_i / w_i^power - 1|``: zero exactly at the solution of ``G w = w^power``."""
+    return ((G @ w) / w**power - 1.0).abs().amax()
+
+
+def _newton_step(G: Tensor, w: Tensor, power: float, largest: float) -> Tensor:
+    """One damped Newton step on ``G w = w^power`` that keeps ``0 < w <= largest``.
+
+    The step stays inside ``w > 0`` (fraction to the boundary 0.9); ``solve_ex`` and the finite
+    mask keep a singular system (only for an indefinite ``G``) from raising or spreading NaN.
+    """
+    residual = G @ w - w**power
+    jacobian = G + torch.diag_embed(-power * w ** (power - 1.0))
+    step = -torch.linalg.solve_ex(jacobian, residual).result
+    step = torch.where(torch.isfinite(step), step, 0.0)
+    decreasing = step < 0  # a where in the denominator too: a finite derivative elsewhere
+    ratios = torch.where(decreasing, w / torch.where(decreasing, -step, 1.0), torch.inf)
+    return (w + (0.9 * ratios.amin()).clamp(max=1.0) * step).clamp(max=largest)
 
 
 def _solve_fair(G: Tensor, alpha: float, max_iters: int) -> Tensor:
-    """Solves ``G w = w^(-1/alpha)``, ``w > 0`` by damped Newton steps.
+    """The positive solution of ``G w = w^(-1/alpha)``, or zeros where none is found.
 
-    It is the stationarity condition of the strictly convex ``½wᵀGw - sum_i h(w_i)`` with
-    ``h' = w^(-1/alpha)``. The start solves the diagonal part exactly; each step stays inside
-    ``w > 0`` (fraction to the boundary 0.9).
+    Damped Newton steps on ``G / ||G||_F`` (the solution is then scaled by
+    ``||G||_F^(-alpha/(alpha+1))``). The equation is the stationarity condition of the strictly
+    convex ``½wᵀGw - sum_i h(w_i)`` with ``h' = w^(-1/alpha)``; the start solves its diagonal part
+    exactly. Weights are capped at ``eps^(-alpha/(alpha+1))``: beyond it, ``(G w)_i`` falls below
+    the rounding of ``G w`` (``eps * w_i``), so the equation cannot be told from a
+    Pareto-stationary one; the cap also keeps the Newton system invertible. Outside of ``vmap``
+    and ``torch.compile`` it stops one step after the relative residual falls below ``sqrt(eps)``
+    (quadratic convergence makes that step the last useful one). Zeros where the residual is
+    still above ``_UNSOLVED`` after the steps.
     """
+    if G.shape[0] == 0:
+        return G.new_zeros(0)
+    norm = torch.linalg.matrix_norm(G)
+    norm = torch.where(norm > 0, norm, 1.0)
+    G = G / norm
+    eps = torch.finfo(G.dtype).eps
     power = -1.0 / alpha
-    w = torch.diagonal(G).clamp(min=torch.finfo(G.dtype).tiny) ** (alpha / (-alpha - 1.0))
+    largest = eps ** (alpha / (-alpha - 1.0))
+    w = torch.diagonal(G).clamp(min=eps) ** (alpha / (-alpha - 1.0))
+    can_stop = _can_read(G)
     for _ in range(max_iters):
-        residual = G @ w - w**power
-        jacobian = G + torch.diag_embed(-power * w ** (power - 1.0))
-        step = -torch.linalg.solve(jacobian, residual)
-        ratios = torch.where(step < 0, w / (-step).clamp(min=torch.finfo(G.dtype).tiny), torch.inf)
-        w = w + (0.9 * ratios.amin()).clamp(max=1.0) * step
-    return w
+        converged = can_stop and bool(_relative_residual(G, w, power) <= eps**0.5)
+        w = _newton_step(G, w, power, largest)
+        if converged:
+            break
+    solved = _relative_residual(G, w, power) <= _UNSOLVED
+    return torch.where(solved, w, 0.0) * norm ** (-alpha / (alpha + 1.0))
 
 
 def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
@@ -32,13 +71,21 @@ def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
     Ban and Ji (2024), Equation 4: the update maximises the alpha-fair utility of the per-row
     improvements. ``alpha=1`` is proportional fairness (the Nash bargaining solution of
     :func:`nash_mtl`), ``alpha -> inf`` approaches max-min fairness; ``alpha=0`` gives uniform
-    weights ``1/m`` (as in TorchJD). Solved by ``max_iters`` damped Newton steps (an ``[m, m]``
-    solve each; quadratic convergence near the solution).
+    weights ``1/m`` (as in TorchJD). Solved by at most ``max_iters`` damped Newton steps on
+    ``G / ||G||_F`` (an ``[m, m]`` solve each; quadratic convergence near the solution; all
+    ``max_iters`` under ``vmap``).
 
     Differentiable (through the unrolled Newton steps). Not invariant to scaling ``G``: ``c G``
-    gives ``c^(-alpha/(alpha+1)) w``. No solution exists when a positive combination of the rows is
-    zero (a Pareto-stationary point, e.g. a zero Gramian): the weights then grow with
-    ``max_iters``.
+    gives ``c^(-alpha/(alpha+1)) w``.
+
+    Degenerate Gramians: no solution exists when a positive combination of the rows is zero (a
+    Pareto-stationary ``G``: zero, or ``u uᵀ`` with ``u`` of both signs): no update improves every
+    row. The weights are then zero (no update, the disagreement point of the bargaining); this is
+    decided by the relative residual ``max_i |(G w)_i w_i^(1/alpha) - 1|`` being above 0.1 after
+    the Newton steps. A rank-1 ``G = u uᵀ`` with ``u > 0`` gives ``w_i = (s u_i)^(-alpha)`` with
+    ``s = (sum_i u_i^(1-alpha))^(1/(1+alpha))`` (``1 / (sqrt(m) u)`` for ``alpha=1``); ``m = 1``
+    gives ``G^(-alpha/(alpha+1))``. A slightly indefinite ``G`` gives the solution of its own
+    equation, close to that of the positive semi-definite ``G`` it rounds.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -46,7 +93,7 @@ def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
         max_iters: Number of Newton steps.
 
     Returns:
-        Positive weights of shape ``S``.
+        Positive weights of shape ``S`` (zero where no solution exists, see above).
 
     Example:
         >>> import torch
@@ -55,14 +102,13 @@ def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
         tensor([0.5000, 1.0000])
     """
     call = "fairgrad(G)"
-    M, shape = _to_matrix(G, call)
+    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not alpha >= 0:
         raise ValueError(f"{call}: expected alpha >= 0, got {alpha!r}.")
     if alpha == 0:
-        m = M.shape[0]
-        return _unflatten_weights(torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device), shape)
-    return _unflatten_weights(_solve_fair(M, alpha, max_iters), shape)
+        return _as_weights(_uniform(M), G)
+    return _as_weights(_solve_fair(M, alpha, max_iters), G)
 
 
 def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor:
@@ -70,16 +116,19 @@ def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor
 
     Navon et al. (2022), Algorithm 1: ``w`` is the positive solution of ``G w = 1 / w`` (FairGrad
     with ``alpha=1``), so that every row improves by ``(G w)_i = 1 / w_i`` and the update has norm
-    ``sqrt(wᵀGw) = sqrt(m)``. It is solved exactly by Newton steps on ``G / ||G||_F`` (for
-    conditioning; the solution is then rescaled by ``||G||_F^(-1/2)``), where TorchJD runs at most
-    ``optim_niter`` convex-concave steps with cvxpy; both reach the same point. When
-    ``max_norm > 0`` and ``sqrt(wᵀGw)`` exceeds it, ``w`` is scaled down to norm ``max_norm``.
+    ``sqrt(wᵀGw) = sqrt(m)``. It is solved exactly by the Newton steps of ``fairgrad``, where
+    TorchJD runs at most ``optim_niter`` convex-concave steps with cvxpy; both reach the same
+    point. When ``max_norm > 0`` and ``sqrt(wᵀGw)`` exceeds it, ``w`` is scaled down to norm
+    ``max_norm``.
 
     Stateless: TorchJD's state (warm start, ``update_weights_every``) only saves computation. To
     update the weights every k steps, call it every k steps. Differentiable (unrolled Newton).
-    ``c G`` gives ``w / sqrt(c)`` (so the capped weights are invariant to scaling as soon as the
-    cap is active, e.g. with the default ``max_norm=1`` and ``m >= 2``). Not defined for a zero
-    Gramian or a Pareto-stationary one (the weights grow with ``max_iters``).
+    ``c G`` gives ``w / sqrt(c)``, capped or not: the update ``Jᵀw`` does not change.
+
+    Degenerate Gramians: as ``fairgrad``, zero weights where no solution exists (a zero or
+    Pareto-stationary ``G``). A rank-1 ``G = u uᵀ`` with ``u > 0`` gives ``1 / (sqrt(m) u)``
+    (update norm ``sqrt(m)``), capped to ``max_norm / (m u)``; ``m = 1`` gives ``G^(-1/2)``
+    (update norm 1).
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -87,7 +136,7 @@ def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor
         max_iters: Number of Newton steps.
 
     Returns:
-        Positive weights of shape ``S``.
+        Positive weights of shape ``S`` (zero where no solution exists, see above).
 
     Example:
         >>> import torch
@@ -96,13 +145,13 @@ def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor
         tensor([0.5000, 1.0000])
     """
     call = "nash_mtl(G)"
-    M, shape = _to_matrix(G, call)
+    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not max_norm >= 0:
         raise ValueError(f"{call}: expected max_norm >= 0, got {max_norm!r}.")
-    scale = torch.linalg.matrix_norm(M)
-    w = _solve_fair(M / scale, 1.0, max_iters) / scale.sqrt()
+    w = _solve_fair(M, 1.0, max_iters)
     if max_norm > 0:
-        norm = torch.sqrt((w @ M @ w).clamp(min=0.0))
-        w = w * torch.where(norm > max_norm, max_norm / norm, 1.0)
-    return _unflatten_weights(w, shape)
+        squared_norm = (w @ M @ w).clamp(min=0.0)
+        capped = squared_norm > max_norm**2  # also keeps sqrt's derivative at 0 out of the graph
+        w = w * torch.where(capped, max_norm / torch.where(capped, squared_norm, 1.0).sqrt(), 1.0)
+    return _as_weights(w, G)

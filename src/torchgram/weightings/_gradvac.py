@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._shapes import _check_in_range, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _check_in_range, _to_matrix
+from ._sweep import Rule, _sweep
 
 
 class GradVacState(NamedTuple):
@@ -29,25 +30,34 @@ def _orders(m: int, generator: torch.Generator | None, device: torch.device) -> 
     return (perms + (perms >= rows).long()).to(device)
 
 
-def _vaccine_step(
-    G: Tensor, C: Tensor, CG: Tensor, phi: Tensor, j: Tensor, beta: float, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Handles row ``j[i]`` for every row ``i`` at once; returns the new ``C``, ``CG``, ``phi``."""
-    m = G.shape[0]
-    one_hot = torch.nn.functional.one_hot(j, m).to(G.dtype)
-    dot = (CG * one_hot).sum(dim=1)
-    norm_i = (CG * C).sum(dim=1).clamp(min=0.0).sqrt()
-    norm_j = torch.diagonal(G)[j].clamp(min=0.0).sqrt()
-    cosine = dot / (norm_i * norm_j + eps)
-    target = (phi * one_hot).sum(dim=1)
-    sin_cosine = (1.0 - cosine * cosine).clamp(min=0.0).sqrt()
-    sin_target = (1.0 - target * target).clamp(min=0.0).sqrt()
-    correction = norm_i * (target * sin_cosine - cosine * sin_target) / (norm_j * sin_target + eps)
-    correction = torch.where(cosine < target, correction, 0.0)
-    C = C + correction.unsqueeze(1) * one_hot
-    CG = CG + correction.unsqueeze(1) * G[j]
-    phi = phi + one_hot * (beta * (cosine - target)).unsqueeze(1)
-    return C, CG, phi
+def _vaccine(G: Tensor, orders: Tensor, phi: Tensor, beta: float, eps: float) -> Rule:
+    """The rule of the sweep (see ``_sweep.py``) for row ``i`` meeting row ``j``.
+
+    The carry is ``|g_i|²`` of the rows so far; the output is the move ``beta * (cosine - φ̂_ij)``
+    of the target. Each ``φ̂_ij`` is read and moved once per call, so the targets are read
+    from ``phi`` up front.
+    """
+    squared_norms = torch.diagonal(G)[orders]
+    norms_j = squared_norms.clamp(min=0.0).sqrt()
+    targets = phi.gather(1, orders)
+
+    def step(dot: Tensor, t: int, squared_norm_i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        norm_i = squared_norm_i.clamp(min=0.0).sqrt()
+        norm_j, target = norms_j[:, t], targets[:, t]
+        cosine = dot / (norm_i * norm_j + eps)
+        sin_cosine = (1.0 - cosine * cosine).clamp(min=0.0).sqrt()
+        sin_target = (1.0 - target * target).clamp(min=0.0).sqrt()
+        correction = (
+            norm_i * (target * sin_cosine - cosine * sin_target) / (norm_j * sin_target + eps)
+        )
+        correction = torch.where(cosine < target, correction, 0.0)
+        # |g_i + c g_j|² = |g_i|² + c (2 <g_i, g_j> + c |g_j|²)
+        squared_norm_i = squared_norm_i + correction * (
+            2.0 * dot + correction * squared_norms[:, t]
+        )
+        return correction, squared_norm_i, beta * (cosine - target)
+
+    return step
 
 
 def gradvac(
@@ -63,12 +73,19 @@ def gradvac(
     Wang et al. (ICLR 2021). Each row ``g_i`` meets the other rows in a random order; when its
     cosine with ``g_j`` is below the target ``φ̂_ij``, ``g_j`` is added with the coefficient that
     lifts the cosine to the target; ``φ̂_ij`` then moves to the observed cosine with rate ``beta``.
-    Everything is computed from ``G``. Rows are processed together (``m - 1`` steps), with the
-    random orders TorchJD's ``GradVacWeighting`` draws from the same seed of the global generator.
+    Everything is computed from ``G``. Rows are processed together (``m - 1`` steps, see
+    ``_sweep.py``), with the random orders TorchJD's ``GradVacWeighting`` draws from the same seed
+    of the global generator.
 
     Stateful: ``w, state = gradvac(G, state=state)``; ``state=None`` starts from zero targets.
     Not differentiable (the corrections are decided by comparisons). Under ``vmap`` use
-    ``randomness="same"`` and ``generator=None``. A zero Gramian gives all-ones weights.
+    ``randomness="same"`` and ``generator=None``. For a float16 or bfloat16 ``G`` the state is
+    kept in float32.
+
+    Degenerate Gramians: a correction is proportional to ``|g_i|``, so a zero ``G`` gives all-ones
+    weights; with ``state=None``, a rank-1 ``G = u uᵀ`` with ``u > 0`` (cosines 1) gives all ones
+    too; ``m = 1`` gives ``[1]`` and leaves the state as it was. Norms are clamped at zero, so a
+    slightly indefinite ``G`` gives finite weights.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -93,7 +110,7 @@ def gradvac(
         >>> w, state = gradvac(G, state=state)
     """
     call = "gradvac(G)"
-    M, shape = _to_matrix(G, call)
+    M, _ = _to_matrix(G, call)
     _check_in_range(beta, 0.0, 1.0, call, "beta")
     if eps < 0:
         raise ValueError(f"{call}: expected eps >= 0, got {eps!r}.")
@@ -112,9 +129,9 @@ def gradvac(
         )
     else:
         phi = state.phi.to(M.dtype)
-    C = torch.eye(m, dtype=M.dtype, device=M.device)
-    CG = M.clone()
+    if m == 0:
+        return _as_weights(M.new_zeros(0), G), GradVacState(phi)
     orders = _orders(m, generator, M.device)
-    for t in range(m - 1):
-        C, CG, phi = _vaccine_step(M, C, CG, phi, orders[:, t], beta, eps)
-    return _unflatten_weights(C.sum(dim=0), shape), GradVacState(phi)
+    rule = _vaccine(M, orders, phi, beta, eps)
+    C, _, moves = _sweep(M, orders, rule, torch.diagonal(M))
+    return _as_weights(C.sum(dim=0), G), GradVacState(phi.scatter_add(1, orders, moves))

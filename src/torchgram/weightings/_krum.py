@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _check_positive_int, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _check_positive_int, _to_matrix
 
 
 def _pairwise_distances(G: Tensor) -> Tensor:
@@ -20,7 +20,12 @@ def krum(G: Tensor, *, n_byzantine: int, n_selected: int = 1) -> Tensor:
     Blanchard et al. (2017). The score of a row is the sum of its distances to its
     ``m - n_byzantine - 2`` nearest other rows. Ties are broken by ``torch.topk``.
 
-    Not differentiable (a selection). A zero Gramian gives equal scores and selects by index.
+    Not differentiable (a selection).
+
+    Degenerate Gramians: ``m`` below ``n_byzantine + 3`` (e.g. ``m = 1``) raises the error below.
+    A zero ``G`` gives equal scores: ``torch.topk`` breaks the tie (which rows it selects is not
+    specified). Distances are clamped at zero, so a slightly indefinite ``G`` gives finite
+    weights.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``, with
@@ -42,7 +47,7 @@ def krum(G: Tensor, *, n_byzantine: int, n_selected: int = 1) -> Tensor:
         tensor([0., 1., 0., 0.])
     """
     call = "krum(G)"
-    M, shape = _to_matrix(G, call)
+    M, _ = _to_matrix(G, call)
     _check_positive_int(n_byzantine, call, "n_byzantine", minimum=0)
     _check_positive_int(n_selected, call, "n_selected")
     m = M.shape[0]
@@ -55,4 +60,4 @@ def krum(G: Tensor, *, n_byzantine: int, n_selected: int = 1) -> Tensor:
     scores = nearest[:, 1:].sum(dim=1)
     _, selected = torch.topk(scores, k=n_selected, largest=False)
     one_hot = torch.nn.functional.one_hot(selected, num_classes=m).sum(dim=0)
-    return _unflatten_weights(one_hot.to(M.dtype) / n_selected, shape)
+    return _as_weights(one_hot.to(M.dtype) / n_selected, G)

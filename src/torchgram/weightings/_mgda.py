@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _check_positive_int, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _check_positive_int, _to_matrix, _uniform
 
 
 def _frank_wolfe_step(G: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,8 +31,13 @@ def mgda(G: Tensor, *, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
     at the exact optimum.
 
     Differentiable almost everywhere (through the last active iterations, with the selected
-    vertices treated as constant). A zero Gramian gives ``e_0`` (the first step goes to the first
-    vertex, as in TorchJD); on a rank-deficient one any minimiser may be returned.
+    vertices treated as constant).
+
+    Degenerate Gramians: a zero ``G`` gives ``e_0`` (every point is a minimiser; the first step
+    goes to the first vertex, as in TorchJD). On a rank-deficient one any minimiser may be
+    returned; a rank-1 ``G = u uᵀ`` with ``u > 0`` gives ``e_k``, ``k = argmin_k u_k`` (one exact
+    step). The step sizes stay in ``[0, 1]``, so a slightly indefinite ``G`` gives weights in the
+    simplex too. ``m = 1`` gives ``[1]``.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -49,15 +54,16 @@ def mgda(G: Tensor, *, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
         tensor([0.2857, 0.7143])
     """
     call = "mgda(G)"
-    M, shape = _to_matrix(G, call)
+    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not epsilon > 0:
         raise ValueError(f"{call}: expected epsilon > 0, got {epsilon!r}.")
-    m = M.shape[0]
-    alpha = torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device)
+    alpha = _uniform(M)
+    if M.shape[0] == 0:  # no vertex to step to
+        return _as_weights(alpha, G)
     done = torch.zeros((), dtype=torch.bool, device=M.device)
     for _ in range(max_iters):
         candidate, gamma = _frank_wolfe_step(M, alpha)
         alpha = torch.where(done, alpha, candidate)
         done = done | (gamma < epsilon)
-    return _unflatten_weights(alpha, shape)
+    return _as_weights(alpha, G)

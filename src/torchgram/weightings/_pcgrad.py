@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _to_matrix
+from ._sweep import _sweep
 
 
 def _permutations(m: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -19,12 +20,15 @@ def pcgrad(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     it conflicts with, then summed.
 
     Yu et al. (2020), Algorithm 1. All rows are processed together: step ``t`` handles the ``t``-th
-    row of each row's random order, so the cost is ``m`` products with ``G``. With the same seed of
-    torch's global generator, the random orders are those of TorchJD's ``PCGradWeighting``.
+    row of each row's random order (see ``_sweep.py``). With the same seed of torch's global
+    generator, the random orders are those of TorchJD's ``PCGradWeighting``.
 
     Not differentiable (the projections are decided by signs). Under ``vmap`` use
-    ``randomness="same"`` (or ``"different"``) and ``generator=None``. Rows with a zero gradient
-    (zero diagonal entry) are never projected onto; a zero Gramian gives all-ones weights.
+    ``randomness="same"`` (or ``"different"``) and ``generator=None``.
+
+    Degenerate Gramians: rows with a zero gradient (a diagonal entry ``<= 0``, negative only by
+    rounding) are never projected onto, so a zero ``G`` gives all-ones weights; a rank-1
+    ``G = u uᵀ`` with ``u > 0`` has no conflict and gives all ones too, as does ``m = 1``.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -39,16 +43,19 @@ def pcgrad(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         >>> pcgrad(torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
         tensor([1.5000, 1.5000])
     """
-    M, shape = _to_matrix(G, "pcgrad(G)")
+    M, _ = _to_matrix(G, "pcgrad(G)")
     m = M.shape[0]
+    if m == 0:
+        return _as_weights(M.new_zeros(0), G)
     orders = _permutations(m, generator, M.device)
-    rows = torch.arange(m, device=M.device)
-    C = torch.eye(m, dtype=M.dtype, device=M.device)
-    diagonal = torch.diagonal(M)
-    for t in range(m):
-        j = orders[:, t]
-        inner = (M[j] * C).sum(dim=1)  # <current projected row i, row j_i>
-        safe = torch.where(diagonal[j] > 0, diagonal[j], 1.0)
-        step = torch.where((inner < 0) & (j != rows) & (diagonal[j] > 0), inner / safe, 0.0)
-        C = C - step.unsqueeze(1) * torch.nn.functional.one_hot(j, m).to(M.dtype)
-    return _unflatten_weights(C.sum(dim=0), shape)
+    squared_norms = torch.diagonal(M)[orders]  # |g_j|² of the row met at each step
+    projectable = (orders != torch.arange(m, device=M.device).unsqueeze(1)) & (squared_norms > 0)
+
+    def project(inner: Tensor, t: int, carry: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        conflict = (inner < 0) & projectable[:, t]
+        norms = torch.where(projectable[:, t], squared_norms[:, t], 1.0)
+        coefficient = torch.where(conflict, -inner / norms, 0.0)
+        return coefficient, carry, coefficient
+
+    C, _, _ = _sweep(M, orders, project, M.new_zeros(()))
+    return _as_weights(C.sum(dim=0), G)

@@ -1,4 +1,8 @@
-"""Validation of Gramians and the flattening of generalized Gramians shared by all weightings."""
+"""Validation of Gramians and the flattening of generalized Gramians shared by all weightings.
+
+Every weighting reads ``G`` through ``_to_matrix`` (checks, ``[m, m]`` flattening, float32 at
+least) and returns ``_as_weights(w, G)`` (output shape and dtype of ``G``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,13 @@ import math
 
 import torch
 from torch import Tensor
+
+try:
+    from torch._C._functorch import get_unwrapped as _get_unwrapped
+    from torch._C._functorch import is_batchedtensor as _is_batched
+    from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+except ImportError:  # pragma: no cover - older torch
+    _is_batched = _is_wrapped = None  # type: ignore[assignment]
 
 
 def _check_gramian(G: object, call: str) -> Tensor:
@@ -26,7 +37,29 @@ def _check_gramian(G: object, call: str) -> Tensor:
             f"{call}: expected a Gramian of shape S + S[::-1] (e.g. [m, m] or [B, K, K, B]), "
             f"got shape {list(G.shape)}. Pass the Gramian of the output, not the Jacobian."
         )
+    if _can_read(G) and not bool(torch.isfinite(G).all()):
+        raise ValueError(
+            f"{call}: G holds NaN or inf values, so no weights can be computed from it. They "
+            "come from non-finite losses, outputs or parameters, or from an overflow in float16: "
+            "check those (e.g. with torch.autograd.set_detect_anomaly(True)) or compute G in "
+            "float32."
+        )
     return G
+
+
+def _can_read(G: Tensor) -> bool:
+    """Whether the values of ``G`` may be read on the host to raise an error.
+
+    Not under ``vmap`` (at any level: a Python ``if`` on a batched value is an error there) nor
+    ``torch.compile`` (a graph break); ``_as_weights`` then gives NaN weights for a non-finite G.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    while _is_wrapped is not None and _is_wrapped(G):
+        if _is_batched(G):
+            return False
+        G = _get_unwrapped(G)
+    return True
 
 
 def _output_shape(G: Tensor) -> torch.Size:
@@ -46,15 +79,41 @@ def _flatten_gramian(G: Tensor) -> Tensor:
     return G.permute(reversed_second_half).reshape(m, m)
 
 
-def _unflatten_weights(w: Tensor, shape: torch.Size) -> Tensor:
-    """Reshapes weights ``[m]`` back to the output shape ``S`` (0-D for a 0-D output)."""
-    return w.reshape(shape)
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype weightings compute in: float32 for the half-precision ones (float16, bfloat16),
+    which torch's linear algebra (eigh, lu, pinv) does not implement and which would lose the
+    solvers' accuracy anyway."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _to_matrix(G: object, call: str) -> tuple[Tensor, torch.Size]:
-    """Validates ``G`` and returns its ``[m, m]`` flattening and the output shape ``S``."""
+    """Validates ``G`` and returns its ``[m, m]`` flattening, in ``_compute_dtype``, and the
+    output shape ``S``.
+
+    Where ``G`` cannot be checked (``_can_read``), a non-finite one is replaced by zeros, so that
+    no solver raises on it (``eigh`` does on NaN) and ``_as_weights`` makes its weights NaN.
+    """
     G = _check_gramian(G, call)
-    return _flatten_gramian(G), _output_shape(G)
+    M = _flatten_gramian(G).to(_compute_dtype(G.dtype))
+    if not _can_read(G):
+        M = torch.where(torch.isfinite(M).all(), M, 0.0)
+    return M, _output_shape(G)
+
+
+def _as_weights(w: Tensor, G: Tensor) -> Tensor:
+    """The weights ``[m]`` computed from ``G`` in the output shape ``S`` and the dtype of ``G``.
+
+    Where ``G`` could not be checked (``_can_read``), a non-finite ``G`` gives NaN weights.
+    """
+    if not _can_read(G):
+        w = torch.where(torch.isfinite(G).all(), w, torch.nan)
+    return w.reshape(_output_shape(G)).to(G.dtype)
+
+
+def _uniform(M: Tensor) -> Tensor:
+    """Weights ``1/m`` ``[m]`` in the dtype and on the device of ``M`` [m, m] (empty for m = 0)."""
+    m = M.shape[0]
+    return torch.full((m,), 1.0 / max(m, 1), dtype=M.dtype, device=M.device)
 
 
 def _check_vector(value: object, shape: torch.Size, like: Tensor, call: str, name: str) -> Tensor:

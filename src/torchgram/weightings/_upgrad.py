@@ -6,26 +6,25 @@ import torch
 from torch import Tensor
 
 from ._dual_cone import _project_weights
-from ._shapes import _check_positive_int, _check_vector, _to_matrix, _unflatten_weights
+from ._shapes import _as_weights, _check_positive_int, _check_vector, _to_matrix, _uniform
 
 
 def _preference(pref: Tensor | None, M: Tensor, shape: torch.Size, call: str) -> Tensor:
     """The preference vector flattened to ``[m]``; ``None`` gives the uniform ``1/m``."""
     if pref is None:
-        m = M.shape[0]
-        return torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device)
+        return _uniform(M)
     return _check_vector(pref, shape, M, call, "pref")
 
 
 def _prepare(
     G: Tensor, pref: Tensor | None, norm_eps: float, reg_eps: float, max_iters: int, call: str
-) -> tuple[Tensor, Tensor, torch.Size]:
-    """Checks the arguments; returns the ``[m, m]`` Gramian, the preference ``[m]`` and ``S``."""
+) -> tuple[Tensor, Tensor]:
+    """Checks the arguments; returns the ``[m, m]`` Gramian and the preference ``[m]``."""
     M, shape = _to_matrix(G, call)
     u = _preference(pref, M, shape, call)
     _check_eps(norm_eps, reg_eps, call)
     _check_positive_int(max_iters, call, "max_iters")
-    return M, u, shape
+    return M, u
 
 
 def _check_eps(norm_eps: float, reg_eps: float, call: str) -> None:
@@ -58,8 +57,11 @@ def upgrad(
     residual is below ``tol`` (``None``: 1e-11 in float64, 1e-5 in float32) or after ``max_iters``
     iterations (always ``max_iters`` under ``vmap``).
 
-    Not differentiable: the result is computed without gradient. A zero Gramian gives
-    ``w = pref``; a rank-deficient one is handled by ``reg_eps``.
+    Not differentiable: the result is computed without gradient.
+
+    Degenerate Gramians: a zero ``G`` (trace below ``norm_eps``) gives ``w = pref``, and so does
+    ``m = 1``; ``reg_eps`` makes a rank-deficient or slightly indefinite (rounding-level) ``G``
+    positive definite, so the weights are unique and finite.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -79,11 +81,11 @@ def upgrad(
         >>> upgrad(J @ J.T)
         tensor([1.1109, 0.7894])
     """
-    M, u, shape = _prepare(G, pref, norm_eps, reg_eps, max_iters, "upgrad(G)")
+    M, u = _prepare(G, pref, norm_eps, reg_eps, max_iters, "upgrad(G)")
     V = _project_weights(
         torch.diag(u), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
-    return _unflatten_weights(V.sum(dim=0), shape)
+    return _as_weights(V.sum(dim=0), G)
 
 
 def dualproj(
@@ -102,8 +104,11 @@ def dualproj(
     regularised as in :func:`upgrad`, and solved by the same solver. ``Jᵀw`` does not conflict with
     any row, up to the regularisation.
 
-    Not differentiable: the result is computed without gradient. A zero Gramian gives
-    ``w = pref``; a rank-deficient one is handled by ``reg_eps``.
+    Not differentiable: the result is computed without gradient.
+
+    Degenerate Gramians: a zero ``G`` (trace below ``norm_eps``) gives ``w = pref``, and so does
+    ``m = 1``; ``reg_eps`` makes a rank-deficient or slightly indefinite (rounding-level) ``G``
+    positive definite, so the weights are unique and finite.
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
@@ -123,8 +128,8 @@ def dualproj(
         >>> dualproj(J @ J.T)
         tensor([0.6109, 0.5000])
     """
-    M, u, shape = _prepare(G, pref, norm_eps, reg_eps, max_iters, "dualproj(G)")
+    M, u = _prepare(G, pref, norm_eps, reg_eps, max_iters, "dualproj(G)")
     v = _project_weights(
         u.unsqueeze(0), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
-    return _unflatten_weights(v.squeeze(0), shape)
+    return _as_weights(v.squeeze(0), G)
