@@ -53,6 +53,9 @@ class Probed:
             once that failed on this signature.
         random: Whether fn drew random numbers in the run the others were checked against
             (then the batched run may too: it was checked to draw what the others draw).
+        apart: Whether the reverse pass pulls the rows back one at a time (else all at once):
+            the faster on the first call, None before it was timed (see
+            :func:`torchgram._reverse.pull_back`).
         looped: Whether fn runs sample by sample in a loop where it runs per sample, because
             ``vmap`` cannot run it (``vmap_error``: the first line of vmap's error).
     """
@@ -69,6 +72,7 @@ class Probed:
     random: bool = False
     looped: bool = False
     vmap_error: str = ""
+    apart: bool | None = None
 
 
 class Probes:

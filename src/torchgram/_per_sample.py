@@ -138,7 +138,7 @@ def linearise_vmapped(
     out, (records, aux) = reverse.out, reverse.aux
     check_taps(tape, probed, options.caller)
     per_sample_shape = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    cotangents = pull_rows(reverse, tape, per_sample_shape) if taps else []
+    cotangents = pull_rows(reverse, tape, per_sample_shape, probed) if taps else []
     result = Linearised(
         out, box.unpack(aux), tape.uses, list(records), cotangents, inputs.params, b,
         options.chunk_bytes,
@@ -227,7 +227,9 @@ def linearise_batched(
     if tap_dims is None or SHARED in tap_dims or record_dims is None:
         return None  # a tap without samples would need one tap per sample: vmap's
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
-    cotangents = pull_back(reverse, per_sample) if shapes else []  # plain autograd: exact
+    cotangents: list[Tensor] = []
+    if shapes:  # plain autograd: exact all at once
+        cotangents, probed.apart = pull_back(reverse, per_sample, probed.apart)
     result = Linearised(
         out,
         None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -124,20 +125,38 @@ class Unmade(Exception):
     made under inference mode, which autograd cannot save once the copies require grad)."""
 
 
-def pull_back(reverse: Reverse, per_sample: torch.Size, row_by_row: bool = False) -> list[Tensor]:
+def pull_back(
+    reverse: Reverse, per_sample: torch.Size, apart: bool | None = False
+) -> tuple[list[Tensor], bool]:
     """Cotangents ``[K, B, ...]`` of every tap, for the K one-hot rows of each sample (``K`` =
     ``per_sample.numel()``, the output of one sample having shape ``per_sample``), pulled back
-    all at once (batched), or one row at a time where ``row_by_row``."""
+    all at once (``apart`` False: one batched pass), one row at a time (True: K passes), or
+    (None) the first row alone and the others at once, each timed. Returns the cotangents and
+    whether one row at a time is the faster (for the next call).
+
+    Neither is always faster: a batched pass runs every op's backward under legacy ``vmap``,
+    whose batching of some backward formulas is slow (``mean``'s and ``pow``'s, 20x and 7x the
+    loop over three rows of a ``[64, 512, 64]`` activation), where on a matmul-heavy graph it
+    saves K - 1 passes of Python and kernel launches.
+    """
     out = reverse.out
     rows = per_sample.numel()
     if rows == 1:
-        return [c.unsqueeze(0) for c in reverse.pull(torch.ones_like(out), False)]
+        return [c.unsqueeze(0) for c in reverse.pull(torch.ones_like(out), False)], bool(apart)
     eye = torch.eye(rows, dtype=out.dtype, device=out.device).reshape(rows, *per_sample)
     eye = eye.expand(rows, *out.shape)
-    if row_by_row:
+    if apart:
         pulled = _row_by_row(lambda row: reverse.pull(row, False, keep=True), eye)
-        return cast(list[Tensor], list(pulled))  # pull gives zeros for unused taps, never None
-    return list(reverse.pull(eye, True))
+        return cast(list[Tensor], list(pulled)), True  # pull gives zeros for unused taps
+    if apart is False:
+        return list(reverse.pull(eye, True)), False
+    start = time.perf_counter()
+    first = reverse.pull(eye[0], False, keep=True)
+    middle = time.perf_counter()
+    others = reverse.pull(eye[1:], True)
+    one, rest = middle - start, time.perf_counter() - middle
+    cotangents = [torch.cat([f.unsqueeze(0), o]) for f, o in zip(first, others, strict=True)]
+    return cotangents, one * (rows - 1) < rest
 
 
 def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:

@@ -200,6 +200,13 @@ def _without_dispatch(func: FunctionType) -> FunctionType:
     return body
 
 
+def _active_modes() -> list[Any]:
+    """The torch function modes active now, outermost first."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    return list(_get_current_function_mode_stack())
+
+
 def _level() -> int | None:
     """The innermost active ``torch.func`` transform's level (None: none is active)."""
     return torch._C._functorch.maybe_current_level()
@@ -347,6 +354,14 @@ class Tape(TorchFunctionMode):
         return self.guard.random
 
     def __enter__(self) -> Tape:
+        if any(isinstance(mode, Tape) and mode is not self for mode in _active_modes()):
+            raise ValueError(
+                f"{self.caller}: fn calls torchgram itself (a Gramian, vjp or jd_grad inside "
+                "fn). The inner call's reverse pass runs outside the ops the outer call "
+                "records, so the outer Gramian would miss how the inner result depends on the "
+                "parameters. Compute the inner result outside fn and pass it in, or use "
+                "torch.func.jacrev for the outer Jacobian."
+            )
         self._level = _level()  # the torch.func level fn runs at (its own transforms go deeper)
         return super().__enter__()  # type: ignore[return-value]
 

@@ -98,7 +98,8 @@ def linearise_whole(
         if reverse.made is False:  # not tried again on this signature
             probed.made_taps = False
         check_taps(tape, probed, options.caller)
-    cotangents = pull_rows(reverse, tape, out.shape) if tape.tap_shapes and out.numel() else []
+    pulled = tape.tap_shapes and out.numel()
+    cotangents = pull_rows(reverse, tape, out.shape, probed) if pulled else []
     linearised = Linearised(
         out,
         box.unpack(aux),
@@ -152,18 +153,22 @@ def _zero_taps(shapes: list[TapShape], batch: int | None) -> tuple[Tensor, ...]:
     return tuple(zeros[dtype, device].expand((*lead, *shape)) for shape, dtype, device in shapes)
 
 
-def pull_rows(reverse: Reverse, tape: Tape, per_sample: torch.Size) -> list[Tensor]:
-    """:func:`~torchgram._reverse.pull_back`, the rows one at a time under ``torch.func.vjp``
-    where the Gramian is differentiated (an outer ``grad``, or ``jvp``) and fn calls a norm
-    whose affine weight depends on the parameters (``torchgram._guards.WEIGHTED_NORMS``).
-    There torch 2.13's ``vmap`` over the rows of a pull-back gives the right gradients of the
-    weight but wrong derivatives of them (of the Gramian): layer_norm's with
-    ``batch_dim=None`` were 5.1e3 off, against the loop of ``autograd.grad`` over rows and the
-    closed form (jacrev has the same fault). Plain autograd's batched pull-back
-    (``is_grads_batched``) is exact there."""
-    apart = (  # the cheap tests first: this runs on every call
+def pull_rows(reverse: Reverse, tape: Tape, per_sample: torch.Size, probed: Probed) -> list[Tensor]:
+    """:func:`~torchgram._reverse.pull_back`, all rows at once or one at a time, whichever the
+    first call on the signature found faster (``probed.apart``). Always one at a time under
+    ``torch.func.vjp`` where the Gramian is differentiated (an outer ``grad``, or ``jvp``) and
+    fn calls a norm whose affine weight depends on the parameters
+    (``torchgram._guards.WEIGHTED_NORMS``): there torch 2.13's ``vmap`` over the rows of a
+    pull-back gives the right gradients of the weight but wrong derivatives of them (of the
+    Gramian): layer_norm's with ``batch_dim=None`` were 5.1e3 off, against the loop of
+    ``autograd.grad`` over rows and the closed form (jacrev has the same fault). Plain
+    autograd's batched pull-back (``is_grads_batched``) is exact there."""
+    forced = (  # the cheap tests first: this runs on every call
         tape.weighted_norm
         and reverse.functional
         and (reverse.differentiable or transform_active("Jvp"))
     )
-    return pull_back(reverse, per_sample, row_by_row=apart)
+    if forced:
+        return pull_back(reverse, per_sample, apart=True)[0]
+    cotangents, probed.apart = pull_back(reverse, per_sample, probed.apart)
+    return cotangents
