@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _check_positive_int, _to_matrix, _uniform
+from ._shapes import _as_weights, _can_read, _check_positive_int, _to_matrix, _uniform
 
 
 def _frank_wolfe_step(G: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -26,9 +26,9 @@ def mgda(G: Tensor, *, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
 
     Désidéri (2012); solved with the Frank-Wolfe method of Algorithm 2 of Sener and Koltun (2018),
     starting from uniform weights and stopping once a step is smaller than ``epsilon`` (as TorchJD
-    does). The stop is a mask, not a branch, so the ``max_iters`` iterations always run and the
-    function works under ``vmap``. ``Jᵀw`` does not conflict with any row: ``G w >= wᵀGw >= 0``
-    at the exact optimum.
+    does). Under ``vmap`` the stop is a mask, not a branch (all ``max_iters`` iterations run,
+    the later ones without moving); elsewhere the loop ends there. ``Jᵀw`` does not conflict
+    with any row: ``G w >= wᵀGw >= 0`` at the exact optimum.
 
     Differentiable almost everywhere (through the last active iterations, with the selected
     vertices treated as constant).
@@ -62,8 +62,11 @@ def mgda(G: Tensor, *, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
     if M.shape[0] == 0:  # no vertex to step to
         return _as_weights(alpha, G)
     done = torch.zeros((), dtype=torch.bool, device=M.device)
+    can_stop = _can_read(G)  # outside vmap: stop once done (the later steps would not move)
     for _ in range(max_iters):
         candidate, gamma = _frank_wolfe_step(M, alpha)
         alpha = torch.where(done, alpha, candidate)
         done = done | (gamma < epsilon)
+        if can_stop and bool(done):
+            break
     return _as_weights(alpha, G)
