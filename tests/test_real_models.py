@@ -114,3 +114,31 @@ def test_lstm_language_model() -> None:
         G = torchgram.gramian(losses, params, ids, batch_dim=batch_dim)
         expected = flat_gramian(losses, params, ids)
         assert float((G - expected).abs().max() / expected.abs().max()) < 1e-10
+
+
+def test_transformers_in_training_mode_with_dropout() -> None:
+    """vmap cannot run BERT's mask code, and fn run on each sample in turn draws its dropout
+    masks in another order than on the batch: the runs compared on the first call run without
+    dropout, and the Gramian returned is that of fn with the masks one plain call draws."""
+    model = _hf("bert", "eager").train()
+    assert model.config.hidden_dropout_prob > 0
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def losses(params, ids, mask):
+        out = functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask})
+        return out.logits.pow(2).sum(-1)
+
+    transform = torchgram.gramian_of(losses, batch_dim=0)
+    for seed in (0, 1):
+        ids, mask = _padded()
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            G = transform(params, ids, mask)
+        after = torch.rand(())
+        torch.manual_seed(seed)
+        J = torch.func.jacrev(losses)(params, ids, mask)
+        J = torch.cat([j.reshape(B, -1) for j in J.values()], dim=1)
+        assert torch.equal(after, torch.rand(()))  # the generator moved as by one call of fn
+        expected = J @ J.T
+        assert float((G - expected).abs().max() / expected.abs().max()) < 1e-10

@@ -23,7 +23,7 @@ import torch
 
 Tensor = torch.Tensor
 
-_DROPOUTS = frozenset(
+DROPOUTS = frozenset(
     {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 )
 _RANDOM_OPS = frozenset(
@@ -41,7 +41,7 @@ WEIGHTED_NORMS = frozenset(
 )  # fmt: skip
 # What Guard._note looks at, beside attention.
 _NOTED = (
-    _DROPOUTS
+    DROPOUTS
     | _RANDOM_OPS
     | WEIGHTED_NORMS
     | {"batch_norm", "instance_norm", "custom_function_call", "grad", "backward"}
@@ -237,7 +237,7 @@ class Guard:
 
     def _note(self, func: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict) -> None:
         """Note randomness, attention, a custom Function or a weighted norm; check batch_norm."""
-        if name in _DROPOUTS:
+        if name in DROPOUTS:
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             training = kwargs.get(
                 "training", kwargs.get("train", args[2] if len(args) > 2 else True)

@@ -51,6 +51,7 @@ from torchgram._samples import (
     compare,
     same_output,
     within_rounding,
+    without_dropout,
 )
 from torchgram._tape import TapeMismatch
 from torchgram._whole import linearise_whole
@@ -146,17 +147,28 @@ def _first_per_sample(
     start.replay()
     result = _per_sample(fn, inputs, options, probed, batch)
     end = Draws()
-    batched = None
-    if _may_batch(options, inputs, probed, batch):
+    # looped, fn draws its dropout masks in another order than on the batch: the runs that are
+    # compared run without dropout, and the one returned with it
+    quiet = probed.looped and result.random
+    with without_dropout(quiet):
+        reference = _per_sample(fn, inputs, options, probed, batch) if quiet else result
+        batched = None
+        if _may_batch(options, inputs, probed, batch):
+            start.replay()
+            batched = linearise_batched(fn, inputs, options, probed, batch, True)
+            probed.batched = batched is not None
+        if batched is not None:
+            chosen = _verified(batched, reference, probed, options)
+        elif options.check_samples and batch >= 2:
+            start.replay()
+            check_samples(fn, inputs, reference.out, options)
+            probed.samples_checked = True
+    if batched is not None and not quiet:
+        result = chosen
+    elif batched is not None and probed.batched:  # again, with dropout
         start.replay()
-        batched = linearise_batched(fn, inputs, options, probed, batch, True)
-        probed.batched = batched is not None
-    if batched is not None:
-        result = _verified(batched, result, probed, options)
-    elif options.check_samples and batch >= 2:
-        start.replay()
-        check_samples(fn, inputs, result.out, options)
-        probed.samples_checked = True
+        result = linearise_batched(fn, inputs, options, probed, batch, True) or result
+        end = Draws()
     end.replay()
     if options.check_samples and not (probed.random or result.random):
         same_output(first, result.out.narrow(b, 0, 1), options, "a probe ran it on one sample")

@@ -15,12 +15,14 @@ they are made on the tensors beneath its wrappers (every ensemble member at once
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from torchgram._guards import beneath_transforms
+from torchgram._guards import DROPOUTS, beneath_transforms
 from torchgram._linearised import Options
 from torchgram._probe import split_output
 from torchgram._pytree import Inputs
@@ -116,6 +118,22 @@ def agree(a: Tensor, b: Tensor) -> bool:
     if a.is_meta or b.is_meta:  # no values to tell: not the same
         return False
     return a.shape == b.shape and within_rounding(a, b, floor=torch.finfo(b.dtype).tiny)
+
+
+class _WithoutDropout(TorchFunctionMode):
+    """Dropout ops return their input (what they give with ``training=False``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in DROPOUTS and args:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def without_dropout(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """Runs of fn without dropout (``enabled``), for checks between runs whose dropout masks
+    cannot be the same: fn on each sample in turn draws them in another order than fn on the
+    batch."""
+    return _WithoutDropout() if enabled else contextlib.nullcontext()
 
 
 class Draws:
