@@ -92,28 +92,3 @@ def test_may_use_params_sees_a_parameter_in_a_dict() -> None:
     assert tape._may_use_params(([{"a": w}],), {})  # nested deeper than one level: flattened
     assert tape._may_use_params(({"a": x},), {})  # a dict is always flattened to see
     assert not tape._may_use_params(([x, x], (slice(None), 0, None, ...)), {"dim": 1})
-
-
-def test_gradient_edge_of_a_custom_function_output_keeps_its_graph() -> None:
-    """A custom Function's node is owned by the C++ graph: its edge carries an ownership token
-    (``get_gradient_edge``'s), so the pull-back works after the output itself is gone."""
-    from torchgram._tape import _edge
-
-    class Double(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return 2 * x
-
-        @staticmethod
-        def backward(ctx, g):
-            return 2 * g
-
-    x = torch.randn(3, requires_grad=True)
-    out = Double.apply(x)
-    edge = _edge(out, out.grad_fn)
-    assert edge.ownership_token is not None
-    plain = x * 3
-    assert _edge(plain, plain.grad_fn).node is plain.grad_fn
-    del out
-    (g,) = torch.autograd.grad(edge, x, torch.ones(3))
-    assert torch.equal(g, torch.full((3,), 2.0))

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from torchgram._internals import is_wrapped, tracked
+
 Tensor = torch.Tensor
 
 DROPOUTS = frozenset(
@@ -89,17 +91,6 @@ def captured_write_error(caller: str, detail: str) -> ValueError:
     )
 
 
-def tracked(tensor: Tensor) -> bool:
-    """Whether ``tensor`` requires grad (plain autograd, ``torch.func.grad`` or ``vjp``), also
-    beneath the wrappers of an outer ``vmap``, which report False (an ensemble whose stacked
-    parameters require grad: the Gramian must keep its graph to them)."""
-    while not tensor.requires_grad:
-        if _is_batched is None or not _is_batched(tensor):
-            return False
-        tensor = _get_unwrapped(tensor)
-    return True
-
-
 def restore(statistics: Sequence[tuple[Tensor, Tensor]]) -> None:
     """Put back running statistics that a run updated (see ``Guard.statistics``), earliest
     value last (a tensor a run updated twice gets its value from before both)."""
@@ -108,31 +99,12 @@ def restore(statistics: Sequence[tuple[Tensor, Tensor]]) -> None:
             tensor.copy_(saved)
 
 
-def beneath_transforms(tensor: Tensor) -> Tensor:
-    """The tensor beneath the wrappers of the active ``torch.func`` transforms: beneath an outer
-    ``vmap``'s, the values of all its members at once (in a layout of its own), so that a
-    reduction to a Python number is possible."""
-    if _is_wrapped is None:  # pragma: no cover - older torch
-        return tensor
-    while _is_wrapped(tensor):
-        tensor = _get_unwrapped(tensor)
-    return tensor
-
-
 def _variable(value: Any) -> bool:
     """Whether ``value`` is a tensor that may depend on the parameters: it requires grad, or a
     ``torch.func`` transform wraps it (a dual tensor of ``jvp`` requires no grad)."""
     if not isinstance(value, Tensor):
         return False
-    return tracked(value) or (_is_wrapped is not None and _is_wrapped(value))
-
-
-try:
-    from torch._C._functorch import get_unwrapped as _get_unwrapped
-    from torch._C._functorch import is_batchedtensor as _is_batched
-    from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
-except ImportError:  # pragma: no cover - older torch
-    _is_batched = _is_wrapped = None  # type: ignore[assignment]
+    return tracked(value) or is_wrapped(value)
 
 
 def writes(name: str, kwargs: dict[str, Any]) -> bool:

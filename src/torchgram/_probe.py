@@ -16,6 +16,12 @@ import torch
 from torch.func import vjp
 
 from torchgram._guards import captured_write_error, restore
+from torchgram._internals import (
+    FUNCTION_WITHOUT_SETUP_CONTEXT,
+    MUTATES_CAPTURED,
+    NO_STORAGE,
+    REQUIRES_GRAD_INSIDE,
+)
 from torchgram._memo import Probed
 from torchgram._pytree import Inputs
 from torchgram._tape import Tape, TapeMismatch, differentiable
@@ -56,12 +62,12 @@ def split_output(result: Any, has_aux: bool, caller: str) -> tuple[Tensor, Any]:
     return out, aux
 
 
-# What torch.func refuses in fn, by the start of its message (torch 2.13), and the error that says
-# why and what to do instead.
+# What torch.func refuses in fn (by its message, see torchgram._internals), and the error that
+# says why and what to do instead.
 _REFUSALS = (
-    ("mutate a captured Tensor", lambda caller, detail: captured_write_error(caller, detail)),
+    (MUTATES_CAPTURED, lambda caller, detail: captured_write_error(caller, detail)),
     (
-        "In order to use an autograd.Function with functorch transforms",
+        FUNCTION_WITHOUT_SETUP_CONTEXT,
         lambda caller, detail: ValueError(
             f"{caller}: fn calls a custom autograd.Function without a setup_context "
             "staticmethod, which torch.func transforms (that torchgram runs fn under) cannot "
@@ -71,7 +77,7 @@ _REFUSALS = (
         ),
     ),
     (
-        "You are attempting to call Tensor.requires_grad_()",
+        REQUIRES_GRAD_INSIDE,
         lambda caller, detail: ValueError(
             f"{caller}: fn calls requires_grad_() or torch.autograd.grad (a gradient inside "
             "fn, e.g. a gradient penalty), which torch.func transforms (that torchgram runs fn "
@@ -81,7 +87,7 @@ _REFUSALS = (
         ),
     ),
     (
-        "Cannot access data pointer of Tensor that doesn't have storage",
+        NO_STORAGE,
         lambda caller, detail: ValueError(
             f"{caller}: fn reads a tensor's memory directly (x.numpy(), x.tolist(), or an "
             "extension op without torch.func support), which torch.func transforms (that "

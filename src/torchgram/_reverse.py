@@ -36,20 +36,18 @@ import torch
 from torch.autograd.graph import GradientEdge
 from torch.func import vjp, vmap
 
-from torchgram._guards import NeedsTransform, tracked
+from torchgram._guards import NeedsTransform
+from torchgram._internals import (
+    LEGACY_BATCHING,
+    active_transforms,
+    engine_grad_batched,
+    inside_func_transform,
+    tracked,
+)
 from torchgram._tape import TapeMismatch, TapShape
 
 Tensor = torch.Tensor
 Tap = Tensor | GradientEdge
-
-try:  # what autograd.grad(is_grads_batched=True) runs on (see _grad)
-    from torch.autograd.graph import _engine_run_backward
-
-    _LEGACY_BATCHING = all(
-        hasattr(torch, name) for name in ("_add_batch_dim", "_remove_batch_dim")
-    ) and hasattr(torch._C, "_vmapmode_increment_nesting")
-except ImportError:  # pragma: no cover - older torch
-    _LEGACY_BATCHING = False
 
 # made(params) -> (out, aux, taps, shapes): a run that makes its own taps (see linearise_made_taps)
 MadeRun = Callable[[tuple[Tensor, ...]], tuple[Tensor, Any, list[Tap], list[TapShape]]]
@@ -282,7 +280,7 @@ def _grad(
     """
     own = (
         batched
-        and _LEGACY_BATCHING
+        and LEGACY_BATCHING
         and type(out) is Tensor  # no subclass that autograd.grad would hand its arguments to
         and type(rows) is Tensor
         and rows.shape[1:] == out.shape  # what autograd.grad's checks ask
@@ -298,19 +296,7 @@ def _grad(
             allow_unused=True,
             is_grads_batched=batched,
         )
-    count = rows.shape[0]
-    level = torch._C._vmapmode_increment_nesting()
-    try:
-        batched_rows = torch._add_batch_dim(rows, 0, level)  # type: ignore[attr-defined]
-        grads = _engine_run_backward(
-            (out,), (batched_rows,), retain_graph, create_graph, taps, True, accumulate_grad=False
-        )
-        return tuple(
-            None if g is None else torch._remove_batch_dim(g, level, count, 0)  # type: ignore[attr-defined]
-            for g in grads
-        )
-    finally:
-        torch._C._vmapmode_decrement_nesting()
+    return engine_grad_batched(out, taps, rows, retain_graph, create_graph)
 
 
 def _row_by_row(
@@ -350,27 +336,3 @@ def transform_active(kind: str) -> bool:
     """Whether a ``torch.func`` transform of this kind is active (``"Vmap"``, ``"Jvp"``: a
     forward mode, which differentiates the Gramian without any tensor requiring grad)."""
     return any(kind in key for key in active_transforms() or [])
-
-
-def active_transforms() -> list[str] | None:
-    """The keys of the active ``torch.func`` transforms, innermost last (None: cannot tell)."""
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # pragma: no cover - older torch
-        return None
-    return [str(interpreter.key()) for interpreter in retrieve_all_functorch_interpreters()]
-
-
-def inside_func_transform() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, vjp, jvp, ...) is active (when it cannot
-    tell: yes, the transform-safe way)."""
-    if _peek_interpreter_stack is None:  # pragma: no cover - older torch
-        transforms = active_transforms()
-        return transforms is None or bool(transforms)
-    return _peek_interpreter_stack() is not None
-
-
-try:
-    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
-except ImportError:  # pragma: no cover - older torch
-    _peek_interpreter_stack = None  # type: ignore[assignment]

@@ -21,20 +21,26 @@ A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FunctionType
 from typing import Any
 
 import optree
 import torch
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
 
 from torchgram._guards import Guard, NeedsTransform, attention
+from torchgram._internals import (
+    active_modes,
+    dispatches,
+    edge,
+    in_custom_function,
+    level,
+    math_attention,
+    without_dispatch,
+)
 from torchgram._rnn import RNN_OPS, run_recurrent
 
 Tensor = torch.Tensor
@@ -70,7 +76,6 @@ PARAMETER_TAPPED = frozenset(
         "divide",
     }
 )  # fmt: skip
-_DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -177,55 +182,6 @@ def _flat_spec(count: int) -> Any:
     return optree.tree_structure(((0,) * count, {}), none_is_leaf=True)  # type: ignore[arg-type]
 
 
-def _math_kernel() -> contextlib.AbstractContextManager[Any]:
-    """scaled_dot_product_attention's math kernel, for one call (choosing it costs about 10 us)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-def _never(*args: Any, **kwargs: Any) -> bool:
-    return False
-
-
-def _without_dispatch(func: FunctionType) -> FunctionType:
-    """A copy of ``func`` that skips its ``__torch_function__`` dispatch, so that its body runs."""
-    scope = dict(func.__globals__)
-    for name in _DISPATCH_CHECKS:
-        scope[name] = _never
-    body = FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
-    body.__kwdefaults__ = func.__kwdefaults__
-    return body
-
-
-def _active_modes() -> list[Any]:
-    """The torch function modes active now, outermost first."""
-    from torch.overrides import _get_current_function_mode_stack
-
-    return list(_get_current_function_mode_stack())
-
-
-def _level() -> int | None:
-    """The innermost active ``torch.func`` transform's level (None: none is active)."""
-    return torch._C._functorch.maybe_current_level()
-
-
-_APPLY = torch.autograd.Function.apply.__func__.__code__  # type: ignore[attr-defined]
-
-
-def _in_custom_function() -> bool:
-    """Whether the op runs inside a custom ``autograd.Function``'s forward (its ``apply`` is on
-    the stack): looked at only where grad is disabled during a parameter use."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _APPLY:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
-
-
 def _output(view: Tensor) -> Tensor:
     """The use that fn's output is when it is a parameter view (see :meth:`Tape.output`)."""
     return view
@@ -237,17 +193,6 @@ def differentiable(value: Any) -> bool:
 
 
 TapShape = tuple[torch.Size, torch.dtype, torch.device]
-
-
-_CUSTOM_NODE = torch._C._FunctionBase
-
-
-def _edge(value: Tensor, node: Any) -> GradientEdge:
-    """``get_gradient_edge(value)`` of an output with its own node, without its checks: a
-    node of a custom ``autograd.Function`` needs that function's ownership token."""
-    if isinstance(node, _CUSTOM_NODE):
-        return get_gradient_edge(value)
-    return GradientEdge(node, value.output_nr)
 
 
 def _tap_meta(value: Tensor) -> TapShape:
@@ -354,7 +299,7 @@ class Tape(TorchFunctionMode):
         return self.guard.random
 
     def __enter__(self) -> Tape:
-        if any(isinstance(mode, Tape) and mode is not self for mode in _active_modes()):
+        if any(isinstance(mode, Tape) and mode is not self for mode in active_modes()):
             raise ValueError(
                 f"{self.caller}: fn calls torchgram itself (a Gramian, vjp or jd_grad inside "
                 "fn). The inner call's reverse pass runs outside the ops the outer call "
@@ -362,7 +307,7 @@ class Tape(TorchFunctionMode):
                 "parameters. Compute the inner result outside fn and pass it in, or use "
                 "torch.func.jacrev for the outer Jacobian."
             )
-        self._level = _level()  # the torch.func level fn runs at (its own transforms go deeper)
+        self._level = level()  # the torch.func level fn runs at (its own transforms go deeper)
         return super().__enter__()  # type: ignore[return-value]
 
     def output(self, out: Any) -> Any:
@@ -387,7 +332,7 @@ class Tape(TorchFunctionMode):
         name = op_name(func)
         self.guard.before(func, name, args, kwargs)
         if self.math_attention and attention(name):
-            with _math_kernel():
+            with math_attention():
                 return self.guard.after(name, args, self._dispatch(func, name, args, kwargs))
         return self.guard.after(name, args, self._dispatch(func, name, args, kwargs))
 
@@ -406,7 +351,7 @@ class Tape(TorchFunctionMode):
         slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and id(v) in views]
         if not slots:
             return func(*args, **kwargs)
-        if _level() != self._level:
+        if level() != self._level:
             raise ValueError(
                 f"{self.caller}: fn applies a torch.func transform of its own (vmap, grad, vjp, "
                 f"jvp, ...) to a computation that uses the parameters ({name}). The tape "
@@ -425,11 +370,9 @@ class Tape(TorchFunctionMode):
             return self._record(func, leaves, spec, slots, out)
         if name in PARAMETER_TAPPED and not self.on_outputs:  # before stepping inside
             return self._record_on_params(func, leaves, spec, slots)
-        if isinstance(func, FunctionType) and any(
-            check in func.__code__.co_names for check in _DISPATCH_CHECKS
-        ):
+        if dispatches(func):
             with self:
-                return _without_dispatch(func)(*args, **kwargs)
+                return without_dispatch(func)(*args, **kwargs)
         out = self._call(func, name, args, kwargs)
         for i in slots:
             if out is leaves[i]:  # the parameter view itself: no use
@@ -580,7 +523,7 @@ class Tape(TorchFunctionMode):
     def _store(self, leaves: list[Any], slots: list[int]) -> tuple[list[Any], list[int]]:
         """A use's leaves with ParamView and DataRef in place of tensors (the data recorded),
         and the positions of the data."""
-        if self.made is not None and not torch.is_grad_enabled() and _in_custom_function():
+        if self.made is not None and not torch.is_grad_enabled() and in_custom_function():
             # plain autograd differentiates the Function, not these ops: torch.func sees it as
             # one call, as the probe does
             raise NeedsTransform("a parameter used in a custom autograd.Function")
@@ -607,7 +550,7 @@ class Tape(TorchFunctionMode):
         if self.made is not None:
             node = value.grad_fn if output else None
             if node is not None:  # no op added: the output's own node
-                self.made.append(_edge(value, node))
+                self.made.append(edge(value, node))
                 return value
             made = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
             self.made.append(made.requires_grad_())

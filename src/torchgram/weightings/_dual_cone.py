@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchgram._internals import is_wrapped
+
 from ._shapes import _compute_dtype
 
 
@@ -33,7 +35,7 @@ def _normalize_regularize(G: Tensor, norm_eps: float, reg_eps: float) -> Tensor:
 
 def _can_synchronize(x: Tensor) -> bool:
     """Whether reading a value of ``x`` on the host is allowed (not under vmap, grad or compile)."""
-    return not (torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.compiler.is_compiling())
+    return not (is_wrapped(x) or torch.compiler.is_compiling())
 
 
 def _admm_operator(A: Tensor) -> tuple[Tensor, Tensor]:

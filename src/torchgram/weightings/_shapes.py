@@ -11,12 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-try:
-    from torch._C._functorch import get_unwrapped as _get_unwrapped
-    from torch._C._functorch import is_batchedtensor as _is_batched
-    from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
-except ImportError:  # pragma: no cover - older torch
-    _is_batched = _is_wrapped = None  # type: ignore[assignment]
+from torchgram._internals import readable
 
 
 def _check_gramian(G: object, call: str) -> Tensor:
@@ -48,18 +43,9 @@ def _check_gramian(G: object, call: str) -> Tensor:
 
 
 def _can_read(G: Tensor) -> bool:
-    """Whether the values of ``G`` may be read on the host to raise an error.
-
-    Not under ``vmap`` (at any level: a Python ``if`` on a batched value is an error there) nor
-    ``torch.compile`` (a graph break); ``_as_weights`` then gives NaN weights for a non-finite G.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    while _is_wrapped is not None and _is_wrapped(G):
-        if _is_batched(G):
-            return False
-        G = _get_unwrapped(G)
-    return True
+    """Whether the values of ``G`` may be read on the host to raise an error: not under
+    ``vmap`` nor ``torch.compile``; ``_as_weights`` then gives NaN weights for a non-finite G."""
+    return readable(G)
 
 
 def _output_shape(G: Tensor) -> torch.Size:
