@@ -133,7 +133,7 @@ def test_bias_factor_sums_the_tokens_when_needed(tokens, may_join) -> None:
     that the bias factor does not hold the cotangents themselves."""
     from torchgram._factors import Dense, TokenSum
     from torchgram._rules.linear import _bias_factor
-    from torchgram._tape import ParamView
+    from torchgram._uses import ParamView
 
     D = torch.randn(2, 3, tokens, 4, dtype=torch.float64)
     factor = _bias_factor(ParamView(1, torch.zeros(4), None), D, may_join)

@@ -7,7 +7,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import _get_current_function_mode_stack
 
-from torchgram._tape import ParamView, Tape
+from torchgram._tape import Tape
+from torchgram._uses import ParamView
 
 
 def _record(fn, params, *args):

@@ -32,7 +32,7 @@ from torchgram._factors import (
     use_ghost,
 )
 from torchgram._factors_embedding import Embedding
-from torchgram._tape import positions
+from torchgram._uses import positions
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,7 @@ from torchgram._assemble import gramian_of_factors, weighted_gradients
 from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
 from torchgram._rules import use_factors
 from torchgram._shapes import generalize
-from torchgram._tape import Use
+from torchgram._uses import Use
 
 Tensor = torch.Tensor
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from torchgram._pytree import Inputs
-from torchgram._tape import TapShape
+from torchgram._uses import TapShape
 
 Tensor = torch.Tensor
 

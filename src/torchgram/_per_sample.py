@@ -28,7 +28,8 @@ from torchgram._memo import Probed
 from torchgram._probe import check_taps, refuse_mutation, split_output
 from torchgram._pytree import Inputs
 from torchgram._reverse import Tap, linearise_made_taps, linearise_taps, pull_back
-from torchgram._tape import Tape, TapShape
+from torchgram._tape import Tape
+from torchgram._uses import TapShape
 from torchgram._whole import _Aux, _zero_taps, linearise_whole, pull_rows
 
 Tensor = torch.Tensor

@@ -24,7 +24,8 @@ from torchgram._internals import (
 )
 from torchgram._memo import Probed
 from torchgram._pytree import Inputs
-from torchgram._tape import Tape, TapeMismatch, differentiable
+from torchgram._tape import Tape
+from torchgram._uses import TapeMismatch, differentiable
 
 Tensor = torch.Tensor
 

@@ -13,7 +13,7 @@ from typing import Any
 import optree
 import torch
 
-from torchgram._tape import differentiable
+from torchgram._uses import differentiable
 
 Tensor = torch.Tensor
 InDims = int | None | Sequence[Any]

@@ -44,7 +44,7 @@ from torchgram._internals import (
     inside_func_transform,
     tracked,
 )
-from torchgram._tape import TapeMismatch, TapShape
+from torchgram._uses import TapeMismatch, TapShape
 
 Tensor = torch.Tensor
 Tap = Tensor | GradientEdge
@@ -184,7 +184,7 @@ def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
     of those that do not; the copies do not make the Gramian differentiable). Only outside
     ``torch.func`` transforms; a write into a tensor fn did not create raises
     :class:`NeedsTransform` (the caller makes the run another way); a ``RuntimeError`` of
-    torch's (not a :class:`~torchgram._tape.TapeMismatch`) raises :class:`Unmade` (the caller
+    torch's (not a :class:`~torchgram._uses.TapeMismatch`) raises :class:`Unmade` (the caller
     makes the run another way, which gives the result or the error)."""
     grad_enabled = torch.is_grad_enabled()
     own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)

@@ -53,7 +53,7 @@ from torchgram._samples import (
     within_rounding,
     without_dropout,
 )
-from torchgram._tape import TapeMismatch
+from torchgram._uses import TapeMismatch
 from torchgram._whole import linearise_whole
 
 Tensor = torch.Tensor

@@ -29,7 +29,8 @@ from torchgram._reverse import (
     pull_back,
     transform_active,
 )
-from torchgram._tape import Tape, TapShape
+from torchgram._tape import Tape
+from torchgram._uses import TapShape
 
 Tensor = torch.Tensor
 

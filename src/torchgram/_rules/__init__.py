@@ -24,7 +24,7 @@ from torchgram._factors import Dense
 from torchgram._rules import conv, embedding, linear, norm
 from torchgram._rules.common import Contribution, Rule
 from torchgram._rules.generic import generic_factors
-from torchgram._tape import Use
+from torchgram._uses import Use
 
 Tensor = torch.Tensor
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from torchgram._factors import Factor
-from torchgram._tape import DataRef, ParamView, Use, positions
+from torchgram._uses import DataRef, ParamView, Use, positions
 
 Tensor = torch.Tensor
 Contribution = tuple[int, Factor]

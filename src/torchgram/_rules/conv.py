@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchgram._factors import Dense
 from torchgram._factors_conv import Conv
 from torchgram._rules.common import Contribution, Rule, argument, data_and_params
-from torchgram._tape import ParamView, Use
+from torchgram._uses import ParamView, Use
 
 Tensor = torch.Tensor
 

@@ -8,7 +8,7 @@ import torch
 
 from torchgram._factors_embedding import Embedding
 from torchgram._rules.common import Contribution, Rule
-from torchgram._tape import DataRef, ParamView, Use
+from torchgram._uses import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
 

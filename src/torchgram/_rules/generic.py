@@ -10,7 +10,7 @@ from torch.func import vjp, vmap
 
 from torchgram._factors import Dense
 from torchgram._rules.common import Contribution
-from torchgram._tape import ParamView, Use
+from torchgram._uses import ParamView, Use
 
 Tensor = torch.Tensor
 

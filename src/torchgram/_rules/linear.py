@@ -20,7 +20,7 @@ from torchgram._rules.common import (
     tokens,
     transposed_region,
 )
-from torchgram._tape import DataRef, ParamView, Use
+from torchgram._uses import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,7 @@ import torch
 from torchgram._factors import Dense
 from torchgram._rules.common import Contribution, Rule, argument, data_and_params
 from torchgram._rules.generic import generic_factors
-from torchgram._tape import DataRef, ParamView, Use
+from torchgram._uses import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
 
