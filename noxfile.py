@@ -40,9 +40,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the documentation site, failing on any warning."""
+    """Build the documentation site, failing on any warning or markup shown as text."""
     session.install(TORCH, "-e", ".[docs]")
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+    session.run("python", "docs/check_site.py", "site")  # no markup shown as text
 
 
 @nox.session

@@ -4,10 +4,10 @@ Rows are indexed ``(k, i)``: ``k`` over the K non-batch output elements, ``i`` o
 flattened as ``k * B + i``. Every factor describes the gradients ``g[k, i]`` of the output row
 ``(k, i)`` with respect to a region of one parameter leaf.
 
-- :class:`Linear`: ``g[k, i] = sum_t D[k, i, t]ᵀ A[i, t]`` (a linear map used on T tokens). Its
+- ``Linear``: ``g[k, i] = sum_t D[k, i, t]ᵀ A[i, t]`` (a linear map used on T tokens). Its
   Gramian has a ghost form that never builds ``g`` and a materialised form; the cheaper one is used.
-- :class:`Dense`: ``g`` itself, ``[K, B, *region]``.
-- :class:`torchgram._factors_conv.Conv` and :class:`torchgram._factors_embedding.Embedding`: the
+- ``Dense``: ``g`` itself, ``[K, B, *region]``.
+- ``torchgram._factors_conv.Conv`` and ``torchgram._factors_embedding.Embedding``: the
   same idea for convolutions (unfolded patches, per group) and embeddings (token equality).
 
 Every ``gramian`` takes ``chunk_bytes``: the largest intermediate it may build at once (blocks of
@@ -65,7 +65,7 @@ class Linear:
         D: Output cotangents ``[K, B, T, d_out]``.
         bias: Position of the leaf of the map's bias (whole, ``[d_out]``), whose gradients are
             ``sum_t D[k, i, t]``, or None: the assembly may then add both leaves' Gramians at
-            once (see :meth:`gramian_with_bias`).
+            once (see ``gramian_with_bias``).
     """
 
     index: Tensor | None
@@ -157,14 +157,14 @@ class TokenSum:
 
 
 def ghost_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
-    """Multiply-adds of :func:`ghost_gramian` for activations ``[B, T, d_in]``."""
+    """Multiply-adds of ``ghost_gramian`` for activations ``[B, T, d_in]``."""
     K, B, T, d_out = d_shape[:4]
     d_in = a_shape[-1]
     return B * B * T * T * d_in + cotangent_cost(K, B, T, d_out)
 
 
 def cotangent_cost(K: int, B: int, T: int, d: int) -> int:
-    """Multiply-adds of the cotangent side of :func:`ghost_from_similarity`, given the
+    """Multiply-adds of the cotangent side of ``ghost_from_similarity``, given the
     similarities: ``<D, D>`` products weighted by them, or, for one sample, ``S @ D`` first."""
     pairs = _pairs_cost(K, B, T, d)
     return min(pairs, _through_similarity_cost(K, T, d)) if B == 1 else pairs
@@ -298,7 +298,7 @@ def _per_sample_products(D: Tensor, A: Tensor) -> Tensor:
     """``einsum("kbte,btd->kbed", D, A)`` as one ``bmm`` over the samples (the K rows side by
     side): the same products without einsum's parsing, which costs more than them for a
     multi-task head (``[2, 1, 64, 1]`` cotangents: 46 against 72 us with the Gramian). For one
-    token (outer products, as :meth:`Linear.materialise` may build) einsum is the faster."""
+    token (outer products, as ``Linear.materialise`` may build) einsum is the faster."""
     K, B, T, e = D.shape
     left = D.permute(1, 0, 3, 2).reshape(B, K * e, T)
     return torch.bmm(left, A).view(B, K, e, A.shape[-1]).transpose(0, 1)

@@ -9,11 +9,11 @@ channels to ``C_out / G`` output channels, used at every output position (the to
   products with the unfolded patches (few input channels, patches within ``chunk_bytes``), from
   one grouped ``aten.convolution_backward`` (weight only) per output row with the samples as
   groups (up to 64 x 128 channels per group), or else from one such call per row (see
-  :meth:`Conv.kernel_for_gradients`); the two convolution kernels never unfold the input. The
+  ``Conv.kernel_for_gradients``); the two convolution kernels never unfold the input. The
   JD direction is one call for the whole batch;
 - ghost: the sum over groups of linear-map ghost Gramians, cheaper when few output positions
   meet large channel counts, with the token similarities from unfolded patches or, for stride
-  1, from pixel similarities (see :meth:`Conv.form`).
+  1, from pixel similarities (see ``Conv.form``).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Conv:
         return "patches" if G == 1 and patch_bytes <= chunk_bytes else "rows"
 
     def _patch_blocks(self, chunk_bytes: int) -> Iterator[Tensor]:
-        """Like :meth:`_blocks` (in another layout of each gradient), by batched products with
+        """Like ``_blocks`` (in another layout of each gradient), by batched products with
         the unfolded patches: faster than the kernel when the patches are small (G = 1)."""
         K, B, _, C_out = self.dy.shape[:4]
         P = self._channel_patches()  # [B, d_in, T]
@@ -213,7 +213,7 @@ class Conv:
             yield torch.stack(block).view(K * B, -1)
 
     def _grouped_blocks(self, chunk_bytes: int | None) -> Iterator[Tensor]:
-        """Like :meth:`_blocks`, with one grouped weight-gradient convolution per output row
+        """Like ``_blocks``, with one grouped weight-gradient convolution per output row
         ``k`` and block: the samples become groups (channels ``i * C_in + c``), so the kernel
         returns the B per-sample gradients at once."""
         K, B, N = self.dy.shape[:3]

@@ -14,8 +14,8 @@ Tensor = torch.Tensor
 def set_grad(params: nn.Module | Any, grads: Any, /, *, accumulate: bool = False) -> None:
     """Write a gradient pytree into the ``.grad`` of parameters, so an optimiser can step.
 
-    ``jd_grad`` and ``vjp_fn`` return directions shaped like the parameters they were given.
-    ``set_grad`` puts them where ``torch.optim`` optimisers read them::
+    [`jd_grad`][torchgram.jd_grad] and ``vjp_fn`` return directions shaped like the parameters
+    they were given; ``set_grad`` puts them where ``torch.optim`` optimisers read them:
 
         step = torchgram.jd_grad(losses, torchgram.weightings.upgrad, batch_dim=0)
         params = dict(model.named_parameters())
@@ -31,7 +31,7 @@ def set_grad(params: nn.Module | Any, grads: Any, /, *, accumulate: bool = False
             ``Tensor.backward``), e.g. to combine Jacobian descent on a trunk with ordinary
             gradients on heads.
 
-    Example:
+    Examples:
         >>> import torch, torchgram
         >>> model = torch.nn.Linear(2, 1)
         >>> torchgram.set_grad(model, {"bias": torch.tensor([0.5])})

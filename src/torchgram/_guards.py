@@ -7,7 +7,7 @@
   sight of the tape and of ``torch.func``): refused;
 - when the run is plain autograd (no ``torch.func`` transform refuses them for us), writes into
   tensors fn did not create in this run (a buffer, an argument, a captured tensor): before such
-  an op runs, :class:`NeedsTransform` hands
+  an op runs, ``NeedsTransform`` hands
   the run back so that it is made again under ``torch.func.vjp``, which refuses the write with
   its own error, or lets it through where the guess was wrong.
 """
@@ -119,7 +119,7 @@ def _in_place(name: str) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _noted(name: str) -> bool:
-    """Whether :meth:`Guard._note` has something to note about an op of this name (it runs on
+    """Whether ``Guard._note`` has something to note about an op of this name (it runs on
     every op fn calls: one lookup for the common op that needs nothing)."""
     return name in _NOTED or attention(name)
 

@@ -185,7 +185,7 @@ def _never(*args: Any, **kwargs: Any) -> bool:
 
 
 def without_dispatch(func: Any) -> FunctionType:
-    """A copy of the Python function ``func`` (see :func:`dispatches`) that skips its
+    """A copy of the Python function ``func`` (see ``dispatches``) that skips its
     ``__torch_function__`` dispatch, so that its body runs (under a mode, the primitive ops it is
     made of are seen one by one)."""
     scope = dict(func.__globals__)

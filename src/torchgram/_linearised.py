@@ -1,8 +1,8 @@
-"""What a run of fn under the tape leaves behind (:class:`Linearised`), and a transform's options.
+"""What a run of fn under the tape leaves behind (``Linearised``), and a transform's options.
 
-A run (see :mod:`torchgram._run`) gives fn's output, every use of a parameter with its inputs
+A run (see ``torchgram._run``) gives fn's output, every use of a parameter with its inputs
 (the records) and the cotangents of its taps. The rules turn those into factors, once, from which
-:meth:`Linearised.gramian` assembles the Gramian and :meth:`Linearised.vjp` the weighted
+``Linearised.gramian`` assembles the Gramian and ``Linearised.vjp`` the weighted
 gradients, without running fn again.
 """
 
@@ -71,7 +71,7 @@ class Linearised:
         """The generalized Gramian ``S + S[::-1]``.
 
         ``release``: let go of the factors, and of the records and cotangents they hold, leaf by
-        leaf as the Gramian is assembled, so that memory falls instead of rising; :meth:`vjp`
+        leaf as the Gramian is assembled, so that memory falls instead of rising; ``vjp``
         cannot be called after.
         """
         if not self.out.numel():  # no rows (an empty batch): nothing to pull back or assemble

@@ -2,11 +2,11 @@
 
 Every call runs ``fn`` under the tape, and the first call on a signature of the arguments learns
 what later calls need: the shapes of the taps (from a shape-only probe, or the run itself), which
-run to make (see :mod:`torchgram._run`), and that fn passed the first call's checks. A training
+run to make (see ``torchgram._run``), and that fn passed the first call's checks. A training
 loop calls one transform (``gramian_of(fn)``, ``jd_grad(fn, ...)``) many times with arguments of
 the same shapes, so each transform remembers this per signature, and later calls run fn once.
 The eager forms (``gramian``, ``vjp_and_gramian``) remember it per fn, weakly (see
-:func:`remembered`). Nothing else is kept: no tensor, nothing that holds fn or a model alive. The
+``remembered``). Nothing else is kept: no tensor, nothing that holds fn or a model alive. The
 shapes cannot make a result wrong: the real run checks every tap against the output it is added
 to, and if fn now uses its parameters differently the entry is dropped and fn is run as on a
 first call. The memory belongs to the transform object, as ``jax.jit``'s cache does (the one
@@ -49,13 +49,13 @@ class Probed:
         custom_function: Whether fn calls a custom ``autograd.Function`` (then the real run is
             made under ``torch.func``, which sees it as the probe did: one call).
         made_taps: Whether plain autograd without ``batch_dim`` may take the uses' outputs by
-            their gradient edges (see :func:`torchgram._reverse.linearise_made_taps`): False
+            their gradient edges (see ``torchgram._reverse.linearise_made_taps``): False
             once that failed on this signature.
         random: Whether fn drew random numbers in the run the others were checked against
             (then the batched run may too: it was checked to draw what the others draw).
         apart: Whether the reverse pass pulls the rows back one at a time (else all at once):
             the faster on the first call, None before it was timed (see
-            :func:`torchgram._reverse.pull_back`).
+            ``torchgram._reverse.pull_back``).
         looped: Whether fn runs sample by sample in a loop where it runs per sample, because
             ``vmap`` cannot run it (``vmap_error``: the first line of vmap's error).
     """
@@ -76,7 +76,7 @@ class Probed:
 
 
 class Probes:
-    """One transform's memory: :class:`Probed` for its ``size`` latest argument signatures."""
+    """One transform's memory: ``Probed`` for its ``size`` latest argument signatures."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size

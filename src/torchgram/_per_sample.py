@@ -4,9 +4,9 @@
   zero taps of the shapes the probe learned on one sample. Exact for any fn that vmap can run.
 - **batched**: fn on the whole batch without vmap (plain autograd, taps made as the run goes), the
   samples found in every tap and record by their one-sample shapes (see
-  :mod:`torchgram._batched`). None where that does not fit; whether its rows are the samples is
-  checked against one of the other runs on a signature's first call (:mod:`torchgram._run`).
-- **looped**: fn on each sample in turn (:func:`torchgram._whole.linearise_whole` on a batch of
+  ``torchgram._batched``). None where that does not fit; whether its rows are the samples is
+  checked against one of the other runs on a signature's first call (``torchgram._run``).
+- **looped**: fn on each sample in turn (``torchgram._whole.linearise_whole`` on a batch of
   one), stacked as vmap stacks them: exact where vmap cannot run fn (data-dependent control flow,
   ``.item()``, a custom ``autograd.Function`` without ``setup_context``), at the cost of one run
   per sample.
@@ -246,7 +246,7 @@ def linearise_batched(
 
 
 def _sample_dims(shapes: list[torch.Size], ones: list[torch.Size], batch: int) -> list[int] | None:
-    """:func:`sample_dim` of every tensor, or None if the counts or any shape do not fit."""
+    """``sample_dim`` of every tensor, or None if the counts or any shape do not fit."""
     if len(shapes) != len(ones):
         return None
     dims = [sample_dim(shape, one, batch) for shape, one in zip(shapes, ones, strict=True)]

@@ -4,13 +4,13 @@ Two ways to differentiate with respect to the taps give the same cotangents:
 
 - **plain autograd** (no ``torch.func`` transform is active): ``fn`` runs with grad enabled on
   copies of the parameters that require grad, each use's output is taken by its gradient edge
-  (no op is added to fn; see :func:`linearise_made_taps`), and ``torch.autograd.grad`` with
+  (no op is added to fn; see ``linearise_made_taps``), and ``torch.autograd.grad`` with
   ``is_grads_batched`` pulls back every output row at once. (Under ``vmap`` over the samples
   the taps are leaves that require grad, added to the outputs.) It has none of
   ``torch.func.vjp``'s per-op cost (about a tenth of a small model's call). Plain autograd would
   let fn write into tensors it did not create (a buffer, an argument), which ``vjp`` refuses
   before they happen; the tape hands such a run back before the write
-  (:mod:`torchgram._guards`), and it is made again under ``vjp``.
+  (``torchgram._guards``), and it is made again under ``vjp``.
 - **torch.func.vjp** inside a ``torch.func`` transform (an ensemble's ``vmap``, an outer ``grad``),
   so that the run composes with it, under ``torch.inference_mode`` (where autograd records
   nothing), and for runs handed back.
@@ -56,7 +56,7 @@ Run = Callable[[tuple[Tensor, ...], bool], tuple[Tensor, Any]]
 
 
 class Pull(Protocol):
-    """``pull(rows, batched, keep=False)``: see :class:`Reverse`."""
+    """``pull(rows, batched, keep=False)``: see ``Reverse``."""
 
     def __call__(self, rows: Tensor, batched: bool, keep: bool = False) -> tuple[Tensor, ...]: ...
 
@@ -73,7 +73,7 @@ class Reverse:
             cotangent rows ``[R, *out.shape]`` of the output (``batched``), each ``[R, ...]``,
             or for one row ``[*out.shape]`` (not ``batched``). It frees the forward's graph
             unless ``keep`` (then it may be called again).
-        made: Whether the run made its own taps (see :func:`linearise_made_taps`); None when
+        made: Whether the run made its own taps (see ``linearise_made_taps``); None when
             it did not try.
         functional: Whether the reverse pass is ``torch.func.vjp``'s (else plain autograd's).
     """
@@ -95,7 +95,7 @@ def linearise_taps(
 ) -> Reverse:
     """Run ``run(taps) -> (out, aux)`` so that cotangents can be pulled back to ``taps``.
 
-    ``made``: the same run making its own taps (see :func:`linearise_made_taps`, on ``params``),
+    ``made``: the same run making its own taps (see ``linearise_made_taps``, on ``params``),
     used where plain autograd is. ``autograd``: whether plain autograd may be (False: fn calls a
     custom ``autograd.Function``, whose forward's ops the tape sees under plain autograd, where
     ``torch.func``, and so the probe, sees one ``custom_function_call``)."""
@@ -170,7 +170,7 @@ def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
 
 
 def may_make_taps(params: tuple[Tensor, ...]) -> bool:
-    """Whether :func:`linearise_made_taps` can run on ``params``: an inference tensor (made under
+    """Whether ``linearise_made_taps`` can run on ``params``: an inference tensor (made under
     ``torch.inference_mode``) can have no copy that requires grad."""
     return not any(p.is_inference() for p in params)
 
@@ -183,8 +183,8 @@ def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
     So that every use's output is in the graph, fn runs on ``params`` made to require grad (copies
     of those that do not; the copies do not make the Gramian differentiable). Only outside
     ``torch.func`` transforms; a write into a tensor fn did not create raises
-    :class:`NeedsTransform` (the caller makes the run another way); a ``RuntimeError`` of
-    torch's (not a :class:`~torchgram._uses.TapeMismatch`) raises :class:`Unmade` (the caller
+    ``NeedsTransform`` (the caller makes the run another way); a ``RuntimeError`` of
+    torch's (not a ``torchgram._uses.TapeMismatch``) raises ``Unmade`` (the caller
     makes the run another way, which gives the result or the error)."""
     grad_enabled = torch.is_grad_enabled()
     own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)

@@ -2,8 +2,8 @@
 
 The runs (one reverse pass each, pulling back one one-hot cotangent per row to every tap):
 
-- **whole** (:mod:`torchgram._whole`): without ``batch_dim``; the rows are fn's output elements;
-- **batched**, **vmapped**, **looped** (:mod:`torchgram._per_sample`): with ``batch_dim``; the
+- **whole** (``torchgram._whole``): without ``batch_dim``; the rows are fn's output elements;
+- **batched**, **vmapped**, **looped** (``torchgram._per_sample``): with ``batch_dim``; the
   rows are each sample's output elements. The batched run (fn on the whole batch, no ``vmap``)
   is the fast one; it is used on a signature once its first call has checked it against the
   vmapped run, or against the looped run (one run per sample) where vmap cannot run fn.
@@ -19,7 +19,7 @@ How often fn runs, per call:
   with the others. Later calls on the signature run fn once (or once per sample, looped).
 
 A transform remembers what its first call learned per signature of the arguments (see
-:mod:`torchgram._memo`); the eager forms remember it per fn.
+``torchgram._memo``); the eager forms remember it per fn.
 """
 
 from __future__ import annotations
@@ -251,10 +251,10 @@ def _same_rows(batched: Linearised, reference: Linearised) -> bool:
 
 
 def _may_batch(options: Options, inputs: Inputs, probed: Probed, batch: int) -> bool:
-    """Whether to try the batched run (see :mod:`torchgram._batched`): plain autograd must be
+    """Whether to try the batched run (see ``torchgram._batched``): plain autograd must be
     possible (outside transforms and inference mode, with parameters that can have copies that
     require grad: no inference tensors), it must pay where uses are tapped on their parameters
-    (see :func:`_batched_pays`), and aux must not be stacked from per-sample calls. The sample
+    (see ``_batched_pays``), and aux must not be stacked from per-sample calls. The sample
     check must run or have passed: without it the batched and the per-sample function may
     differ."""
     return (

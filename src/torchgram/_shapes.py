@@ -20,7 +20,7 @@ def flatten(gramian: Tensor, /) -> Tensor:
     Returns:
         ``[m, m]``.
 
-    Example:
+    Examples:
         >>> import torch, torchgram
         >>> G = torch.arange(16.0).reshape(2, 2, 2, 2)  # output [2, 2]
         >>> torchgram.flatten(G).shape

@@ -1,12 +1,12 @@
 """The tape: a record of every use of a parameter while ``fn`` runs.
 
-A :class:`Tape` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
+A ``Tape`` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
 
 - follows views of the parameter leaves (``chunk``, slices, transposes, ...), remembering for each
   view which elements of its leaf it holds (an index tensor, so that any rearrangement is exact);
 - steps inside composite ``torch.nn.functional`` functions (multi-head attention, ...) so that the
   primitive ops they are made of are what gets recorded;
-- records every other op that consumes a parameter or a view of one as a :class:`Use`: the op, its
+- records every other op that consumes a parameter or a view of one as a ``Use``: the op, its
   non-parameter inputs (returned from the run so that they outlive ``vmap``), and the shapes of its
   floating-point outputs (an op that returns the parameter view itself, such as dropout that drops
   nothing, is no use: the view goes on);
@@ -101,7 +101,7 @@ def _flat_spec(count: int) -> Any:
 
 
 def _output(view: Tensor) -> Tensor:
-    """The use that fn's output is when it is a parameter view (see :meth:`Tape.output`)."""
+    """The use that fn's output is when it is a parameter view (see ``Tape.output``)."""
     return view
 
 
@@ -118,7 +118,7 @@ class Tape(TorchFunctionMode):
         taps: None for a first run (shapes only), else one zero tensor per tapped output, in order.
         caller: How to name the public call in error messages.
         per_sample: Whether ``batch_dim`` is set: ops that mix samples are refused then.
-        vmapped: Whether ``fn`` runs under ``vmap`` over the samples (see :meth:`_call`).
+        vmapped: Whether ``fn`` runs under ``vmap`` over the samples (see ``_call``).
         on_outputs: Whether every use is tapped on its outputs, ``PARAMETER_TAPPED`` ops too (fn
             on the whole batch, where a tap on a parameter would give the sum over samples).
         math_attention: Whether attention runs on its math kernel, the one that vmap can batch:
@@ -126,7 +126,7 @@ class Tape(TorchFunctionMode):
             kernels have no batching rule (forward or backward), and vmap's fallback loops
             over the samples or rows (about 4x slower).
 
-    A shape-only run (the probe: no taps, none made) also gives in :attr:`output_shapes` the
+    A shape-only run (the probe: no taps, none made) also gives in ``output_shapes`` the
     shapes the taps would have on the outputs of every use (what a run ``on_outputs`` is checked
     against).
     """
@@ -166,9 +166,9 @@ class Tape(TorchFunctionMode):
         to check them against), forgetting any earlier one.
 
         ``watch``: the run is plain autograd, so writes into tensors fn did not create are
-        handed back (see :mod:`torchgram._guards`). ``make_taps``: the run makes each tap itself
+        handed back (see ``torchgram._guards``). ``make_taps``: the run makes each tap itself
         when it meets the output (``taps`` then only give the shapes to check); they are in
-        :attr:`made`: the output's gradient edge where it has one of its own (then nothing is
+        ``made``: the output's gradient edge where it has one of its own (then nothing is
         added to fn), else a leaf that requires grad, shaped like the output, added to it.
         ``params``: the leaves fn runs on this time, if not those given at construction
         (copies that require grad, so that every use's output has an edge).

@@ -1,4 +1,4 @@
-"""The public transforms: ``gramian_of`` and ``gramian``."""
+"""The public transforms: ``gramian_of``, ``gramian``, ``vjp_and_gramian`` and ``jd_grad``."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _linearise(
 ) -> tuple[Inputs, Linearised]:
     """Split the arguments and run fn under the tape: what every transform starts with.
 
-    ``probes``: the transform's memory of earlier probes (see :mod:`torchgram._memo`).
+    ``probes``: the transform's memory of earlier probes (see ``torchgram._memo``).
     """
     if options.batch_dim is None:  # samples are not separated: in_dims play no part
         in_dims = None
@@ -79,12 +79,13 @@ def gramian_of(
 
     For ``out = fn(*args)`` of shape ``S`` and the parameters ``args[argnums]`` (any pytree of
     floating-point tensors, each tensor once), the returned function gives the generalized
-    Gramian of shape ``S + S[::-1]``::
+    Gramian of shape ``S + S[::-1]``:
 
         G[s, reversed(s')] = <d out[s] / d params, d out[s'] / d params>
 
     so a ``[B]`` output gives ``[B, B]``, ``[B, K]`` gives ``[B, K, K, B]`` and a 0-D output a 0-D
-    Gramian (the squared gradient norm). :func:`torchgram.flatten` turns it into ``[m, m]``.
+    Gramian (the squared gradient norm). [`torchgram.flatten`][torchgram.flatten] turns it
+    into ``[m, m]``.
 
     The Gramian is computed without forming per-sample gradients: ``fn`` runs under a tape of
     parameter uses, one reverse pass gives the output cotangents of every use, and per-op rules
@@ -123,7 +124,7 @@ def gramian_of(
     Returns:
         A function with fn's positional arguments returning the Gramian (and aux).
 
-    Example:
+    Examples:
         >>> import torch, torchgram
         >>> def losses(w, x, y):
         ...     return (x @ w - y) ** 2                     # [B]
@@ -151,7 +152,7 @@ def _gramian_transform(
     probes: Probes,
     name: str = "gramian_of",
 ) -> Callable[..., Any]:
-    """:func:`gramian_of`'s function, with its memory (``name``: the public function called)."""
+    """``gramian_of``'s function, with its memory (``name``: the public function called)."""
     caller = f"{name}(fn, batch_dim={batch_dim})"
     options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
     numbers = normalize_argnums(argnums, caller)
@@ -177,13 +178,29 @@ def gramian(
 ) -> Any:
     """The Gramian of the Jacobian of ``fn(params, *args)`` with respect to ``params``.
 
-    Eager form of :func:`gramian_of` (``gramian_of(fn, argnums=0, ...)(params, *args)``), like
-    ``torch.func.vjp`` is to ``torch.func.grad``. See :func:`gramian_of` for the arguments.
+    Eager form of [`gramian_of`][torchgram.gramian_of]
+    (``gramian_of(fn, argnums=0, ...)(params, *args)``), like ``torch.func.vjp`` is to
+    ``torch.func.grad``. Called in a loop with the same ``fn``, it runs ``fn`` as often as a
+    transform built once (it remembers what it learned of ``fn`` while ``fn`` lives).
+
+    Args:
+        fn: ``fn(params, *args) -> out`` (``-> (out, aux)`` with ``has_aux``), as for
+            [`gramian_of`][torchgram.gramian_of].
+        params: The parameters, any pytree of floating-point tensors.
+        *args: fn's other positional arguments.
+        batch_dim: The output dimension that indexes independent samples, or None; see
+            [`gramian_of`][torchgram.gramian_of].
+        in_dims: Where the samples lie in fn's positional arguments, as for
+            [`gramian_of`][torchgram.gramian_of].
+        has_aux: fn returns ``(out, aux)``; aux is returned last.
+        check_samples: The first call's checks, as for [`gramian_of`][torchgram.gramian_of].
+        max_chunk_bytes: The largest intermediate the rules build at once, as for
+            [`gramian_of`][torchgram.gramian_of].
 
     Returns:
         The generalized Gramian ``S + S[::-1]`` of the output of shape ``S`` (and aux).
 
-    Example:
+    Examples:
         >>> import torch, torchgram
         >>> model = torch.nn.Linear(4, 1)
         >>> params = dict(model.named_parameters())
@@ -218,19 +235,19 @@ def vjp_and_gramian(
     one step of Jacobian descent: ``vjp_fn(weighting(G))``.
 
     Args:
-        fn: ``fn(params, *args) -> out``, as for :func:`gramian_of`.
+        fn: ``fn(params, *args) -> out``, as for [`gramian_of`][torchgram.gramian_of].
         params: The parameters, any pytree of floating-point tensors.
         *args: fn's other positional arguments.
-        batch_dim: As for :func:`gramian_of`.
-        in_dims: As for :func:`gramian_of`.
-        has_aux: As for :func:`gramian_of`.
-        check_samples: As for :func:`gramian_of`.
-        max_chunk_bytes: As for :func:`gramian_of`.
+        batch_dim: As for [`gramian_of`][torchgram.gramian_of].
+        in_dims: As for [`gramian_of`][torchgram.gramian_of].
+        has_aux: As for [`gramian_of`][torchgram.gramian_of].
+        check_samples: As for [`gramian_of`][torchgram.gramian_of].
+        max_chunk_bytes: As for [`gramian_of`][torchgram.gramian_of].
 
     Returns:
         ``(out, vjp_fn, G)``, and ``aux`` last with ``has_aux``.
 
-    Example:
+    Examples:
         >>> import torch, torchgram
         >>> def losses(w, x):
         ...     return (x @ w) ** 2                           # [B]
@@ -278,20 +295,21 @@ def jd_grad(
     with ``weighting=torchgram.weightings.sum`` it is the gradient of ``out.sum()``.
 
     Args:
-        fn: As for :func:`gramian_of`.
+        fn: As for [`gramian_of`][torchgram.gramian_of].
         weighting: A function from a (generalized) Gramian to weights shaped like the output,
-            e.g. ``torchgram.weightings.upgrad`` or a ``functools.partial`` of one.
-        argnums: As for :func:`gramian_of`.
-        batch_dim: As for :func:`gramian_of`.
-        in_dims: As for :func:`gramian_of`.
-        has_aux: As for :func:`gramian_of`.
-        check_samples: As for :func:`gramian_of`.
-        max_chunk_bytes: As for :func:`gramian_of`.
+            e.g. [`torchgram.weightings.upgrad`][torchgram.weightings.upgrad] or a
+            ``functools.partial`` of one.
+        argnums: As for [`gramian_of`][torchgram.gramian_of].
+        batch_dim: As for [`gramian_of`][torchgram.gramian_of].
+        in_dims: As for [`gramian_of`][torchgram.gramian_of].
+        has_aux: As for [`gramian_of`][torchgram.gramian_of].
+        check_samples: As for [`gramian_of`][torchgram.gramian_of].
+        max_chunk_bytes: As for [`gramian_of`][torchgram.gramian_of].
 
     Returns:
         A function with fn's positional arguments returning the direction (and aux).
 
-    Example:
+    Examples:
         >>> import torch, torchgram
         >>> def losses(w, x):
         ...     return (x @ w - 1) ** 2

@@ -1,8 +1,8 @@
-"""The data model of a run: the uses of parameters that the tape records (:mod:`torchgram._tape`)
-and the rules read (:mod:`torchgram._rules`), without the tape itself.
+"""The data model of a run: the uses of parameters that the tape records (``torchgram._tape``)
+and the rules read (``torchgram._rules``), without the tape itself.
 
-A :class:`Use` is one call of a torch function that consumed parameters: its arguments with a
-:class:`ParamView` in each parameter slot (which elements of which leaf) and a :class:`DataRef`
+A ``Use`` is one call of a torch function that consumed parameters: its arguments with a
+``ParamView`` in each parameter slot (which elements of which leaf) and a ``DataRef``
 in each data slot (a recorded input), and where its taps lie.
 """
 

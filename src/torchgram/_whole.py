@@ -1,12 +1,12 @@
 """The run of ``fn`` on all its data at once: every call without ``batch_dim``, and each sample of
-a looped run (see :mod:`torchgram._per_sample`).
+a looped run (see ``torchgram._per_sample``).
 
 Its rows are fn's output elements. Outside ``torch.func`` transforms it is plain autograd on copies
 of the parameters that require grad, and each use's output is taken by its gradient edge as the
-run meets it (see :func:`torchgram._reverse.linearise_made_taps`): nothing needs to be known
+run meets it (see ``torchgram._reverse.linearise_made_taps``): nothing needs to be known
 before the run, so fn runs once. Where that cannot be (inside a transform, inference mode, a
 custom ``autograd.Function``, a write fn must be refused for), the run takes zero taps of the
-shapes a probe learned (see :mod:`torchgram._probe`) and ``torch.func.vjp`` or leaf taps.
+shapes a probe learned (see ``torchgram._probe``) and ``torch.func.vjp`` or leaf taps.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def linearise_whole(
 
     ``probed``: what a probe (or an earlier run) learned on this signature; None to learn it
     from this run, which then must be plain autograd with made taps (it raises
-    :class:`~torchgram._guards.NeedsTransform` or :class:`~torchgram._reverse.Unmade` where it
+    ``torchgram._guards.NeedsTransform`` or ``torchgram._reverse.Unmade`` where it
     cannot be: then probe and call again). ``per_sample``: the data is one sample of a looped
     run (ops that mix samples are refused). Returns the run and what it learned.
     """
@@ -155,7 +155,7 @@ def _zero_taps(shapes: list[TapShape], batch: int | None) -> tuple[Tensor, ...]:
 
 
 def pull_rows(reverse: Reverse, tape: Tape, per_sample: torch.Size, probed: Probed) -> list[Tensor]:
-    """:func:`~torchgram._reverse.pull_back`, all rows at once or one at a time, whichever the
+    """``torchgram._reverse.pull_back``, all rows at once or one at a time, whichever the
     first call on the signature found faster (``probed.apart``). Always one at a time under
     ``torch.func.vjp`` where the Gramian is differentiated (an outer ``grad``, or ``jvp``) and
     fn calls a norm whose affine weight depends on the parameters

@@ -4,11 +4,11 @@ Each rule returns ``(leaf, factor)`` pairs, one per parameter argument of the us
 use does not have the shape it knows (e.g. ``linear`` whose input is itself a parameter); then the
 generic rule, exact for every op, takes over. One module per family of ops:
 
-- :mod:`.linear`: ``linear``, ``matmul``/``mm``/``@``, ``einsum``;
-- :mod:`.conv`: ``conv1d``/``conv2d``/``conv3d``;
-- :mod:`.embedding`: ``embedding``;
-- :mod:`.norm`: ``layer_norm`` tapped on its output (the batched run);
-- :mod:`.generic`: everything else (the per-op per-sample vjp).
+- ``.linear``: ``linear``, ``matmul``/``mm``/``@``, ``einsum``;
+- ``.conv``: ``conv1d``/``conv2d``/``conv3d``;
+- ``.embedding``: ``embedding``;
+- ``.norm``: ``layer_norm`` tapped on its output (the batched run);
+- ``.generic``: everything else (the per-op per-sample vjp).
 
 Uses whose taps went on their parameter arguments (``Use.on_params``: norms' affine parameters,
 broadcast scales, shifts and biases) need no rule: their cotangents are the per-sample gradients.

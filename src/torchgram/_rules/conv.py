@@ -3,7 +3,7 @@
 Zero padding given to the op (numbers, ``'same'``, ``'valid'``) goes to the factor, whose kernels
 pad as the op did (uneven ``'same'`` padding is applied to the recorded input here); other padding
 modes reach the op already padded (``F.pad`` runs before it). So every stride, dilation and group
-count is one :class:`~torchgram._factors_conv.Conv` factor.
+count is one ``torchgram._factors_conv.Conv`` factor.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Linear maps with a parameter operand: ``linear``, ``matmul``/``mm``/``@`` and ``einsum``.
 
-``linear`` and matmul give :class:`~torchgram._factors.Linear` factors (ghost or materialised
+``linear`` and matmul give ``torchgram._factors.Linear`` factors (ghost or materialised
 Gramian); views of a parameter (chunks of a packed projection, transposes) only change the
 factor's region. ``einsum`` gives the per-sample gradients directly, by one batched ``einsum``.
 """

@@ -73,7 +73,7 @@ def aligned_mtl(
     Raises:
         ValueError: If ``scale_mode`` is not one of the three modes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import aligned_mtl
         >>> aligned_mtl(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))

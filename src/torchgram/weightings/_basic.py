@@ -19,7 +19,7 @@ def mean(G: Tensor) -> Tensor:
     Returns:
         Weights of shape ``S`` (``[m]``, ``[B, K]``, ...), all ``1/m`` with ``m = prod(S)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import mean
         >>> mean(torch.eye(4))
@@ -39,7 +39,7 @@ def sum(G: Tensor) -> Tensor:
     Returns:
         Weights of shape ``S``, all equal to 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram import weightings
         >>> weightings.sum(torch.eye(3))
@@ -63,7 +63,7 @@ def constant(G: Tensor, *, weights: Tensor) -> Tensor:
     Raises:
         ValueError: If ``weights`` has neither shape ``S`` nor ``[m]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import constant
         >>> constant(torch.eye(2), weights=torch.tensor([1.0, 3.0]))
@@ -90,7 +90,7 @@ def random(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     Returns:
         Weights of shape ``S``, positive and summing to 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import random
         >>> w = random(torch.eye(3), generator=torch.Generator().manual_seed(0))

@@ -66,7 +66,7 @@ def cagrad(G: Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, max_iters: int 
     Returns:
         Weights of shape ``S``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import cagrad
         >>> cagrad(torch.tensor([[4.0, -1.0], [-1.0, 1.0]]), c=0.5)

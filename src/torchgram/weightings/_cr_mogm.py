@@ -11,7 +11,7 @@ from ._shapes import _as_weights, _check_gramian, _check_in_range, _compute_dtyp
 
 
 class CRMOGMState(NamedTuple):
-    """State of :func:`cr_mogm` between calls.
+    """State of ``cr_mogm`` between calls.
 
     Attributes:
         weights: The smoothed weights of the previous call, of shape ``S``.
@@ -43,18 +43,19 @@ def cr_mogm(
 
     Args:
         G: Gramian ``[m, m]`` or generalized Gramian ``S + S[::-1]``.
-        weighting: The weighting to smooth, e.g. ``torchgram.weightings.mgda``.
+        weighting: The weighting to smooth, e.g.
+            [`torchgram.weightings.mgda`][torchgram.weightings.mgda].
         state: The state returned by the previous call, or ``None``.
         alpha: Weight of the past in the average, in ``[0, 1]``.
         initial_weights: ``λ_0`` of shape ``S``, used only when ``state`` is ``None``.
 
     Returns:
-        The smoothed weights, of shape ``S``, and the new :class:`CRMOGMState`.
+        The smoothed weights, of shape ``S``, and the new ``CRMOGMState``.
 
     Raises:
         ValueError: If ``alpha`` is outside ``[0, 1]`` or a shape does not match ``S``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import constant, cr_mogm
         >>> from functools import partial

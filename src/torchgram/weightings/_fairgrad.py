@@ -70,7 +70,7 @@ def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
 
     Ban and Ji (2024), Equation 4: the update maximises the alpha-fair utility of the per-row
     improvements. ``alpha=1`` is proportional fairness (the Nash bargaining solution of
-    :func:`nash_mtl`), ``alpha -> inf`` approaches max-min fairness; ``alpha=0`` gives uniform
+    ``nash_mtl``), ``alpha -> inf`` approaches max-min fairness; ``alpha=0`` gives uniform
     weights ``1/m`` (as in TorchJD). Solved by at most ``max_iters`` damped Newton steps on
     ``G / ||G||_F`` (an ``[m, m]`` solve each; quadratic convergence near the solution; all
     ``max_iters`` under ``vmap``).
@@ -95,7 +95,7 @@ def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
     Returns:
         Positive weights of shape ``S`` (zero where no solution exists, see above).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import fairgrad
         >>> fairgrad(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))
@@ -138,7 +138,7 @@ def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor
     Returns:
         Positive weights of shape ``S`` (zero where no solution exists, see above).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import nash_mtl
         >>> nash_mtl(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), max_norm=0.0)

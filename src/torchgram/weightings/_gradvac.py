@@ -12,7 +12,7 @@ from ._sweep import Rule, _sweep
 
 
 class GradVacState(NamedTuple):
-    """State of :func:`gradvac` between calls.
+    """State of ``gradvac`` between calls.
 
     Attributes:
         phi: ``[m, m]`` exponential moving averages of the pairwise cosine similarities (the
@@ -95,12 +95,12 @@ def gradvac(
         generator: The random number generator for the orders; ``None`` uses torch's global one.
 
     Returns:
-        The weights, of shape ``S``, and the new :class:`GradVacState`.
+        The weights, of shape ``S``, and the new ``GradVacState``.
 
     Raises:
         ValueError: If ``beta`` is outside ``[0, 1]``, ``eps < 0`` or the state has the wrong shape.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import gradvac
         >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]])

@@ -42,7 +42,7 @@ def imtl_g(G: Tensor) -> Tensor:
     Returns:
         Weights of shape ``S`` summing to 1 (or all zero, see above).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import imtl_g
         >>> imtl_g(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))

@@ -39,7 +39,7 @@ def krum(G: Tensor, *, n_byzantine: int, n_selected: int = 1) -> Tensor:
     Raises:
         ValueError: If ``m`` is too small for ``n_byzantine`` or ``n_selected``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import krum
         >>> J = torch.tensor([[1.0, 0.0], [1.1, 0.0], [0.9, 0.1], [-9.0, 5.0]])

@@ -47,7 +47,7 @@ def mgda(G: Tensor, *, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
     Returns:
         Weights of shape ``S``, non-negative and summing to 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import mgda
         >>> mgda(torch.tensor([[4.0, -1.0], [-1.0, 1.0]]))

@@ -37,7 +37,7 @@ def pcgrad(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     Returns:
         Weights of shape ``S``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import pcgrad
         >>> pcgrad(torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))

@@ -74,7 +74,7 @@ def upgrad(
     Returns:
         Weights of shape ``S``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import upgrad
         >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
@@ -101,7 +101,7 @@ def dualproj(
 
     Equation 11 of Gradient Episodic Memory (Lopez-Paz and Ranzato, 2017), in the weight form of
     arXiv:2406.16232: ``w = argmin_v vᵀG'v subject to v >= pref`` with ``G'`` normalised and
-    regularised as in :func:`upgrad`, and solved by the same solver. ``Jᵀw`` does not conflict with
+    regularised as in ``upgrad``, and solved by the same solver. ``Jᵀw`` does not conflict with
     any row, up to the regularisation.
 
     Not differentiable: the result is computed without gradient.
@@ -121,7 +121,7 @@ def dualproj(
     Returns:
         Weights of shape ``S``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchgram.weightings import dualproj
         >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
