@@ -313,3 +313,7 @@ def test_cdist_matches_a_row_by_row_oracle(batch_dim) -> None:
     for _ in range(2):  # the batched run's first call, then the batched run alone
         G = torchgram.flatten(transform(params, x))
         assert torch.allclose(G, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_version() -> None:
+    assert isinstance(torchgram.__version__, str) and torchgram.__version__[0].isdigit()

@@ -5,12 +5,20 @@ with respect to ``params``, without forming per-sample gradients; ``torchgram.we
 Gramian into the weights of Jacobian descent.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from torchgram import weightings
 from torchgram._grads import set_grad
 from torchgram._shapes import flatten
 from torchgram._transform import gramian, gramian_of, jd_grad, vjp_and_gramian
 
+try:
+    __version__ = version("torchgram")
+except PackageNotFoundError:  # pragma: no cover - run from a source tree without installing
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "flatten",
     "gramian",
     "gramian_of",
