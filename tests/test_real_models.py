@@ -10,13 +10,13 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from oracle import flat_gramian
 from torch import nn
 from torch.func import functional_call
 
 import torchgram
 
-transformers = pytest.importorskip("transformers")  # a test dependency: CI installs it
 transformers.logging.set_verbosity_error()
 
 D = torch.float64
