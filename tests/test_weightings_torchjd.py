@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import cvxpy  # noqa: F401  # TorchJD's CAGrad and Nash-MTL solve with it
 import pytest
+import scipy  # noqa: F401  # TorchJD's FairGrad solves with it
 import torch
+from torchjd import aggregation
 
 from torchgram import weightings as W
 
-aggregation = pytest.importorskip("torchjd.aggregation")
+# Plain imports: the test extra installs TorchJD with its solvers, and a missing one must fail the
+# suite, not skip the comparisons that are its reason to be here.
 
 
 def _jacobians() -> list[torch.Tensor]:
@@ -117,7 +121,6 @@ def test_cr_mogm_over_three_calls(G: torch.Tensor) -> None:
 @pytest.mark.parametrize("G", [G for G in GRAMIANS if _full_rank(G)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 def test_fairgrad(G: torch.Tensor, alpha: float) -> None:
-    pytest.importorskip("scipy")
     expected = aggregation.FairGradWeighting(alpha=alpha)(G)
     torch.testing.assert_close(W.fairgrad(G, alpha=alpha), expected, atol=1e-5, rtol=1e-4)
 
@@ -133,7 +136,6 @@ def _cagrad_objective(G: torch.Tensor, w: torch.Tensor, c: float) -> torch.Tenso
 @pytest.mark.parametrize("G", [G for G in GRAMIANS if _full_rank(G)])
 @pytest.mark.parametrize("c", [0.25, 0.5, 1.0, 10.0])
 def test_cagrad(G: torch.Tensor, c: float) -> None:
-    pytest.importorskip("cvxpy")
     expected = aggregation.CAGradWeighting(c=c)(G)
     w = W.cagrad(G, c=c)
     # TorchJD's interior-point solve (Clarabel) stops ~1e-9 above the optimal objective; the
@@ -153,7 +155,6 @@ def test_cagrad_updates(J: torch.Tensor, c: float) -> None:
     # zero): compare the updates Jᵀw, relative to the mean gradient and the update. The tolerance
     # is TorchJD's accuracy: on the hand-made J and c=1 its update is off by 1.2e-4 in a coordinate
     # that is exactly 0 at the optimum (ours: 4e-15).
-    pytest.importorskip("cvxpy")
     expected = aggregation.CAGradWeighting(c=c)(J @ J.T)
     update = J.T @ W.cagrad(J @ J.T, c=c)
     scale = torch.maximum(J.mean(dim=0).norm(), (J.T @ expected).norm())
@@ -162,7 +163,6 @@ def test_cagrad_updates(J: torch.Tensor, c: float) -> None:
 
 def _nash_mtl_reference(m: int, **options: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """TorchJD's Nash-MTL weighting (on the matrix ``J``, not the Gramian) with a fresh state."""
-    pytest.importorskip("cvxpy")
     return aggregation.NashMTL(n_tasks=m, **options).weighting  # type: ignore[arg-type]
 
 
