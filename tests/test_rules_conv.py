@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import flat_gramian
 from rule_check import check_exact, rule_counts
 from torch import nn
 from torch.func import functional_call
+
+import torchgram
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -382,3 +385,18 @@ def test_form_by_cost(batch, channels, size, stride, expected) -> None:
     dy = torch.zeros(1, batch, 1, channels, size // stride, size // stride)
     factor = Conv(None, x, dy, (3, 3), (stride, stride), (1, 1), (1, 1), 1)
     assert factor.form() == expected
+
+
+def test_channels_last_input_without_batch_dim() -> None:
+    """An input with channels-last strides (after a permute, as ConvNeXt's downsampling): the
+    weight gradient comes back channels-last too. Exact."""
+    conv = torch.nn.Conv2d(4, 6, 2, 2).double()
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    x = torch.randn(6, 8, 8, 4, dtype=torch.float64).permute(0, 3, 1, 2)
+
+    def fn(p, x):
+        out = torch.func.functional_call(conv, p, (x,)).pow(2).mean((1, 2, 3))
+        return torch.stack([t.mean() for t in out.tensor_split(3)])
+
+    G = torchgram.gramian(fn, params, x)
+    assert torch.allclose(G, flat_gramian(fn, params, x), rtol=1e-10)

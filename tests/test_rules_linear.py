@@ -145,3 +145,20 @@ def test_bias_factor_sums_the_tokens_when_needed(tokens, may_join) -> None:
     assert torch.allclose(factor.gramian(), dense_gramian(summed), rtol=1e-12)
     weights = torch.randn(2, 3, dtype=torch.float64)
     assert torch.allclose(factor.weighted(weights), torch.einsum("kb,kbe->e", weights, summed))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("scales", [{}, {"beta": 0.5, "alpha": 2.0}])
+def test_addmm_as_transformers_conv1d(monkeypatch, batch_dim, scales) -> None:
+    """``addmm(b, x.view(-1, d), W)``, transformers' GPT-2 Conv1D: the Linear factor on W.T and
+    the summed cotangents for b, exact (and not the generic rule)."""
+    f64 = torch.float64
+    params = {"w": torch.randn(5, 3, dtype=f64), "b": torch.randn(3, dtype=f64)}
+    x = torch.randn(4, 6, 5, dtype=f64)
+
+    def fn(p, x):
+        h = torch.addmm(p["b"], x.reshape(-1, x.shape[-1]), p["w"], **scales)
+        return torch.tanh(h).reshape(x.shape[0], -1, 3).pow(2).sum((1, 2))
+
+    check_exact(monkeypatch, fn, params, x, batch_dim=batch_dim)
+    assert rule_counts(fn, params, x, batch_dim=batch_dim) == {("addmm", "addmm"): 1}

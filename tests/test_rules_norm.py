@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import flat_gramian
+from rule_check import check_exact, rule_counts
 from torch import nn
 from torch.func import functional_call
 
@@ -116,3 +117,24 @@ def test_layer_norm_eps_in_the_vjp_of_the_batched_run(batched_runs) -> None:
     expected = torch.autograd.grad(fn(leaves, x) @ weights, list(leaves.values()))
     for (name, got), want in zip(vjp_fn(weights).items(), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_batch_norm_in_eval_mode_takes_its_closed_form(monkeypatch, batch_dim, dims) -> None:
+    """Eval-mode batch norm (running statistics: a per-channel affine map): its weight and bias
+    by the closed form, not the generic rule, exact."""
+    conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(3, 4, 3)
+    norm = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(4, eps=0.3)
+    model = nn.Sequential(conv, norm, nn.Tanh()).double().eval()
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 3, *([7] * dims), dtype=torch.float64)
+
+    def fn(p, x):
+        return torch.func.functional_call(model, p, (x,)).pow(2).flatten(1).sum(1)
+
+    check_exact(monkeypatch, fn, params, x, batch_dim=batch_dim)
+    counts = rule_counts(fn, params, x, batch_dim=batch_dim)
+    assert counts[("batch_norm", "batch_norm")] == 1

@@ -83,7 +83,7 @@ class Conv:
         K, B = self.dy.shape[:2]
         grouped = self.kernel_for_gradients(chunk_bytes) == "grouped"
         (g,) = (self._grouped_blocks if grouped else self._blocks)(None)
-        return g.view(K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
+        return g.reshape(K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
 
     def weighted(self, weights: Tensor) -> Tensor:
         """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution."""
@@ -226,7 +226,8 @@ class Conv:
             for k in range(K):
                 grads = self.dy[k, :, :, start:stop].transpose(0, 1)
                 grads = grads.reshape(N, B * (stop - start), *out)
-                block.append(self._weight_grad(grads, images, B * count).view(B, -1))
+                # reshape: the gradient is channels-last where the input was
+                block.append(self._weight_grad(grads, images, B * count).reshape(B, -1))
             yield torch.cat(block) if K > 1 else block[0]
 
     def _weight_grad(self, grad: Tensor, images: Tensor, groups: int) -> Tensor:

@@ -129,8 +129,9 @@ def pull_back(
     """Cotangents ``[K, B, ...]`` of every tap, for the K one-hot rows of each sample (``K`` =
     ``per_sample.numel()``, the output of one sample having shape ``per_sample``), pulled back
     all at once (``apart`` False: one batched pass), one row at a time (True: K passes), or
-    (None) the first row alone and the others at once, each timed. Returns the cotangents and
-    whether one row at a time is the faster (for the next call).
+    (None, three rows or more) the first row alone (a warm-up), the second alone and the others
+    at once, those two timed. Returns the cotangents and whether one row at a time is the
+    faster (for the next call).
 
     Neither is always faster: a batched pass runs every op's backward under legacy ``vmap``,
     whose batching of some backward formulas is slow (``mean``'s and ``pow``'s, 20x and 7x the
@@ -146,15 +147,17 @@ def pull_back(
     if apart:
         pulled = _row_by_row(lambda row: reverse.pull(row, False, keep=True), eye)
         return cast(list[Tensor], list(pulled)), True  # pull gives zeros for unused taps
-    if apart is False:
+    if apart is False or rows < 3:
         return list(reverse.pull(eye, True)), False
+    first = reverse.pull(eye[0], False, keep=True)  # untimed: the first pass warms up
     start = time.perf_counter()
-    first = reverse.pull(eye[0], False, keep=True)
+    second = reverse.pull(eye[1], False, keep=True)
     middle = time.perf_counter()
-    others = reverse.pull(eye[1:], True)
+    others = reverse.pull(eye[2:], True)
     one, rest = middle - start, time.perf_counter() - middle
-    cotangents = [torch.cat([f.unsqueeze(0), o]) for f, o in zip(first, others, strict=True)]
-    return cotangents, one * (rows - 1) < rest
+    parts = zip(first, second, others, strict=True)
+    cotangents = [torch.cat([f.unsqueeze(0), s.unsqueeze(0), o]) for f, s, o in parts]
+    return cotangents, one * (rows - 2) < rest
 
 
 def _by_vjp(run: Run, taps: tuple[Tensor, ...]) -> Reverse:

@@ -69,7 +69,9 @@ def _layer(
     b_ih, b_hh = (weights[2], weights[3]) if bias else (None, None)
     projection = weights[4 if bias else 2] if len(weights) > (4 if bias else 2) else None
     h, c = state
-    inputs = F.linear(sequence, w_ih, b_ih)  # all time steps at once
+    # all time steps at once, then split once: a select per step would zero-fill the whole
+    # [T, B, 4H] gradient in its backward, every step (66 ms a call on a 2-layer LSTM LM)
+    inputs = F.linear(sequence, w_ih, b_ih).unbind(0)
     outputs = []
     for step in range(sequence.shape[0]):
         hidden = F.linear(h, w_hh, b_hh)

@@ -1,4 +1,5 @@
-"""Linear maps with a parameter operand: ``linear``, ``matmul``/``mm``/``@`` and ``einsum``.
+"""Linear maps with a parameter operand: ``linear``, ``matmul``/``mm``/``@``, ``addmm`` and
+``einsum``.
 
 ``linear`` and matmul give ``torchgram._factors.Linear`` factors (ghost or materialised
 Gramian); views of a parameter (chunks of a packed projection, transposes) only change the
@@ -83,6 +84,33 @@ def matmul_rule(
     return None
 
 
+def addmm_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``addmm(b, x, W, beta=1, alpha=1)`` (``beta * b + alpha * x @ W``, transformers' GPT-2
+    ``Conv1D``) with a 2-D parameter ``W`` and data ``x``: a Linear factor on ``W.T``, and the
+    summed cotangents for a parameter ``b``."""
+    args, kwargs = use.arguments()
+    bias = argument(args, kwargs, 0, "input")
+    x = argument(args, kwargs, 1, "mat1")
+    weight = argument(args, kwargs, 2, "mat2")
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    usable = isinstance(weight, ParamView) and isinstance(x, DataRef)
+    if not usable or not isinstance(bias, (ParamView, DataRef)):
+        return None
+    (cotangent,) = cotangents
+    K, B = cotangent.shape[:2]
+    D = cotangent.reshape(K, B, -1, weight.tensor.shape[1])
+    out: list[Contribution] = [
+        (weight.leaf, Linear(transposed_region(weight), tokens(records[x.record], B), alpha * D))
+    ]
+    if isinstance(bias, ParamView) and bias.tensor.dim() == 1:
+        out.append((bias.leaf, _bias_factor(bias, beta * D, False)))
+    elif isinstance(bias, ParamView):
+        return None  # a bias of another shape than the output's rows: the generic rule
+    return out
+
+
 def einsum_rule(
     use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
 ) -> list[Contribution] | None:
@@ -131,5 +159,6 @@ RULES: dict[str, Rule] = {
     "matmul": matmul_rule,
     "__matmul__": matmul_rule,
     "mm": matmul_rule,
+    "addmm": addmm_rule,
     "einsum": einsum_rule,
 }

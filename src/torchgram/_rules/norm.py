@@ -1,6 +1,6 @@
-"""Norms: ``layer_norm`` tapped on its output (the batched run), its affine parameters' per-sample
-gradients in closed form, ``sum c * x_hat`` and ``sum c``; and ``instance_norm`` with running
-statistics, replayed without them.
+"""Norms: ``layer_norm`` tapped on its output (the batched run) and ``batch_norm`` in eval mode,
+their affine parameters' per-sample gradients in closed form, ``sum c * x_hat`` and ``sum c``;
+and ``instance_norm`` with running statistics, replayed without them.
 
 Under ``vmap`` layer_norm is tapped on its parameters and needs no rule. Where it is tapped on its
 output, the generic rule would give the same gradients through ``vmap`` of the op's vjp with
@@ -60,6 +60,39 @@ def layer_norm_rule(
     return out
 
 
+def batch_norm_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``batch_norm`` with running statistics (eval mode): a per-channel affine map of the
+    input, normalised by statistics that are data, so the per-sample gradients of its weight and
+    bias are ``sum c * x_hat`` and ``sum c`` over each sample's other dimensions."""
+    args, kwargs = use.arguments()
+    functional = use.func is torch.nn.functional.batch_norm
+    names = ("weight", "bias", "running_mean", "running_var", "training", "eps")
+    positions = (3, 4, 1, 2, 5, 7) if functional else (1, 2, 3, 4, 5, 7)
+    weight, bias, mean, var, training, eps = (
+        argument(args, kwargs, p, n) for p, n in zip(positions, names, strict=True)
+    )
+    x = argument(args, kwargs, 0, "input")
+    stats = isinstance(mean, DataRef) and isinstance(var, DataRef)
+    if training or not stats or not data_and_params(x, weight, bias):
+        return None
+    (cotangent,) = cotangents  # [K, B, *x], channels at dimension 1 of x
+    if cotangent.dim() < 4:
+        return None
+    channels = 3  # K, B, the sample's leading dimension, then the channels
+    reduced = tuple(d for d in range(2, cotangent.dim()) if d != channels)
+    out: list[Contribution] = []
+    if weight is not None:
+        shape = (-1, *([1] * (cotangent.dim() - channels - 1)))
+        scale = torch.rsqrt(records[var.record][0] + (1e-5 if eps is None else eps)).reshape(shape)
+        normalised = (records[x.record] - records[mean.record][0].reshape(shape)) * scale
+        out.append((weight.leaf, Dense(weight.index, (cotangent * normalised).sum(reduced))))
+    if bias is not None:
+        out.append((bias.leaf, Dense(bias.index, cotangent.sum(reduced))))
+    return out
+
+
 def instance_norm_rule(
     use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
 ) -> list[Contribution] | None:
@@ -87,4 +120,8 @@ def instance_norm_rule(
     return generic_factors(quiet, records, cotangents)
 
 
-RULES: dict[str, Rule] = {"layer_norm": layer_norm_rule, "instance_norm": instance_norm_rule}
+RULES: dict[str, Rule] = {
+    "layer_norm": layer_norm_rule,
+    "batch_norm": batch_norm_rule,
+    "instance_norm": instance_norm_rule,
+}
