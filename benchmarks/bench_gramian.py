@@ -1,29 +1,45 @@
-"""Times torchgram's ``gramian`` against a plain training step, TorchJD and per-sample gradients.
+"""Times torchgram's Gramian against a plain training step and the peers, on real models.
 
-Run ``python benchmarks/bench_gramian.py`` (all architectures), ``--quick`` for a smoke run (one
-timed repeat, no memory measurement), ``--arch NAME`` for one architecture. For each architecture
-and each method it reports the median time as a ratio to the reference (one forward and backward
-pass of the same model on the same batch, the loss being the mean of the per-sample losses) and
-the peak memory, measured in a process of its own (``--measure-memory METHOD ARCH``) as the growth
-of the peak resident set size during one call (after a warm-up call, see ``measure_memory``).
+Run ``python benchmarks/bench_gramian.py`` (all architectures of ``models.py``), ``--quick`` for
+a smoke run (one timed repeat, no memory measurement), ``--arch NAME`` for one architecture
+(repeatable), ``--methods ...`` for some methods. For each architecture and each method it
+reports the median time as a ratio to the reference (one forward and backward pass of the same
+model on the same batch, the loss being the mean of the losses) and the peak memory, measured in
+a process of its own (``--measure-memory METHOD ARCH``) as the growth of the peak resident set
+size during one call (after a warm-up call, see ``measure_memory``). A method that cannot run on
+an architecture is reported as ``n/a`` (with why) or ``fails (ExceptionType: message)``.
 
 Methods:
 
 - ``step``: forward and ``backward`` of the mean loss (the reference).
 - ``torchgram``: ``torchgram.gramian_of(fn, batch_dim=...)``, built once and called on
-  ``(params, x, y)`` each time, as a training loop does (forward included). Its first call (the
-  warm-up) also runs fn once to learn shapes and checks two samples; later calls skip both.
+  ``(params, *inputs)`` each time, as a training loop does (forward included). Its first call
+  (the warm-up) also runs fn once to learn shapes and checks two samples; later calls skip both.
+- ``eager``: ``torchgram.gramian(fn, params, *inputs, batch_dim=...)`` called each time (the
+  eager form, which remembers what it learned per fn).
+- ``per-sample``: ``vmap(grad)`` (``jacrev`` for several losses per sample, ``jacrev`` of fn
+  with ``batch_dim=None``) of the losses, the Jacobian ``J`` flattened to ``[m, P]``, then
+  ``J @ J.T``.
 - ``torchjd``: TorchJD 0.18's ``autogram.Engine(model, batch_dim=...)``: forward, then
-  ``engine.compute_gramian(losses)``. Skipped with a note if ``torchjd`` is not importable.
+  ``engine.compute_gramian(losses)``. ``n/a`` if ``torchjd`` is not importable.
+- ``opacus``: Opacus 1.6's ghost clipping (``GradSampleModuleFastGradientClipping`` on the
+  model after ``ModuleValidator.fix``, which swaps in its own attention and LSTM): forward,
+  backward of the mean loss, then the per-sample gradient norms. Only the diagonal of ``G``: a
+  lower bound of the work. ``n/a`` without ``batch_dim``, with BatchNorm (which ``fix`` would
+  replace by GroupNorm, another model) or if ``opacus`` is not importable.
+- ``sgd-step``: the step, then ``optimizer.step()`` of ``torch.optim.SGD``.
+- ``jd-step``: a Jacobian-descent step: ``torchgram.jd_grad(fn, torchgram.weightings.upgrad,
+  batch_dim=...)`` built once, its direction written into ``.grad`` with ``torchgram.set_grad``,
+  then the same ``optimizer.step()``. ``jd-step / sgd-step`` is the overhead of Jacobian descent.
 - ``torchgram-vmap`` (only when asked for with ``--methods``): torchgram with fn always run
   under ``vmap`` over the samples, i.e. without its batched run (an ablation).
-- ``per-sample``: ``vmap(grad)`` (``jacrev`` for several losses per sample) of the losses, the
-  Jacobian ``J`` flattened to ``[m, P]``, then ``J @ J.T``.
 
 Each method is timed against the step, the pair in fresh processes of its own (``--processes``,
 3 by default, each with ``--repeats`` timed repeats; the ratio is the median of the processes'
-ratios, see ``_ratio``; ``--one-process``: every architecture and method in this one; see
-``_times_in_subprocess`` for why). CPU, 2 threads (``--threads``).
+ratios, see ``_ratio``; ``--one-process``: every method of an architecture in one process; see
+``_times_in_subprocess`` for why). CPU, 2 threads (``--threads``); ``--threads 1`` where other
+processes share the cores, as two threads then wait for each other at every op (``iwmtl``'s
+step took 49 ms instead of 2 beside a test run on two cores).
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -40,193 +57,38 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from models import ARCHITECTURES, Setting, missing
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import torchgram
 
 Tensor = torch.Tensor
-METHODS = ("step", "torchgram", "torchjd", "per-sample")
+METHODS = (
+    "step", "torchgram", "eager", "per-sample", "torchjd", "opacus", "sgd-step", "jd-step"
+)  # fmt: skip
+LEARNING_RATE = 1e-4  # small: the weights barely move over the timed steps
 
 
-@dataclass
-class Setting:
-    """One architecture with its batch: ``losses(model_output, y)`` gives the per-row losses."""
-
-    model: nn.Module
-    x: Tensor
-    y: Tensor
-    losses: Callable[[Tensor, Tensor], Tensor]
-    batch_dim: int | None
+class NotApplicable(Exception):
+    """A method that does not apply to an architecture (reported as ``n/a``, with why)."""
 
 
-def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(out, y, reduction="none")
-
-
-def _mlp() -> Setting:
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-        nn.Linear(1024, 10),
-    )  # fmt: skip
-    return Setting(model, torch.randn(64, 784), torch.randint(0, 10, (64,)), _cross_entropy, 0)
-
-
-def _cnn() -> Setting:
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-    )  # fmt: skip
-    x = torch.randn(64, 3, 32, 32)
-    return Setting(model, x, torch.randint(0, 10, (64,)), _cross_entropy, 0)
-
-
-class _Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(8, c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(8, c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(8, c_out)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.norm1(self.conv1(x)))
-        return F.relu(self.norm2(self.conv2(h)) + self.shortcut(x))
-
-
-def _resnet18() -> Setting:
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.GroupNorm(8, 64)]
-    layers.append(nn.ReLU())
-    c_in = 64
-    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [_Block(c_in, c_out, stride), _Block(c_out, c_out, 1)]
-        c_in = c_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
-    model = nn.Sequential(*layers)
-    x = torch.randn(32, 3, 32, 32)
-    return Setting(model, x, torch.randint(0, 10, (32,)), _cross_entropy, 0)
-
-
-class _Positions(nn.Module):
-    """Learned position embeddings, added (a module of its own so that TorchJD can hook it)."""
-
-    def __init__(self, tokens: int, width: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(0.02 * torch.randn(tokens, width))
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h + self.weight
-
-
-class _Attention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, h: Tensor) -> Tensor:
-        B, T, width = h.shape
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(mixed.transpose(1, 2).reshape(B, T, width))
-
-
-class _TransformerBlock(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attention = _Attention(width, heads)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
-
-    def forward(self, h: Tensor) -> Tensor:
-        h = h + self.attention(self.norm1(h))
-        return h + self.mlp(self.norm2(h))
-
-
-class _LanguageModel(nn.Module):
-    """A GPT-style causal language model (pre-norm blocks)."""
-
-    def __init__(self, vocab: int = 512, width: int = 256, tokens: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.position = _Positions(tokens, width)
-        self.blocks = nn.Sequential(*(_TransformerBlock(width, 4) for _ in range(2)))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        h = self.blocks(self.position(self.embed(tokens)))
-        return self.head(self.norm(h))
-
-
-def _sequence_loss(out: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(-1)
-
-
-def _transformer() -> Setting:
-    x = torch.randint(0, 512, (32, 64))
-    return Setting(_LanguageModel(), x, torch.randint(0, 512, (32, 64)), _sequence_loss, 0)
-
-
-class _MultiTask(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU())
-        self.heads = nn.ModuleList(nn.Linear(512, 1) for _ in range(2))
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.trunk(x)
-        return torch.cat([head(h) for head in self.heads], dim=-1)  # [B, 2]
-
-
-def _task_losses(out: Tensor, y: Tensor) -> Tensor:
-    return (out - y) ** 2  # [B, 2]
-
-
-def _batch_task_losses(out: Tensor, y: Tensor) -> Tensor:
-    return ((out - y) ** 2).mean(0)  # [2]: one loss per task over the batch
-
-
-def _instance_wise() -> Setting:
-    return Setting(_MultiTask(), torch.randn(64, 784), torch.randn(64, 2), _task_losses, 0)
-
-
-def _multi_task() -> Setting:
-    x, y = torch.randn(64, 784), torch.randn(64, 2)
-    return Setting(_MultiTask(), x, y, _batch_task_losses, None)
-
-
-ARCHITECTURES: dict[str, Callable[[], Setting]] = {
-    "mlp": _mlp,
-    "cnn": _cnn,
-    "resnet18-gn": _resnet18,
-    "transformer-lm": _transformer,
-    "iwmtl": _instance_wise,
-    "mtl-batch-none": _multi_task,
-}
-
-
-def _functional(setting: Setting) -> tuple[Callable[..., Tensor], dict[str, Tensor]]:
-    model = setting.model
+def _functional(
+    model: nn.Module, setting: Setting
+) -> tuple[Callable[..., Tensor], dict[str, Tensor]]:
+    """``fn(params, *inputs)``: the setting's losses with ``model``'s parameters taken from
+    ``params`` (detached views of the parameters: an optimiser's updates show through)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return setting.losses(functional_call(model, params, (x,)), y)
+    def fn(params: dict[str, Tensor], *inputs: Tensor) -> Tensor:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, params, args, kwargs)
+
+        return setting.losses(call, *inputs)
 
     return fn, params
 
@@ -235,44 +97,38 @@ def _step(setting: Setting) -> Callable[[], Any]:
     parameters = list(setting.model.parameters())
 
     def run() -> Any:
-        loss = setting.losses(setting.model(setting.x), setting.y).mean()
+        loss = setting.losses(setting.model, *setting.inputs).mean()
         return torch.autograd.grad(loss, parameters)
 
     return run
 
 
 def _torchgram(setting: Setting) -> Callable[[], Any]:
-    fn, params = _functional(setting)
+    fn, params = _functional(setting.model, setting)
     transform = torchgram.gramian_of(fn, batch_dim=setting.batch_dim)  # built once, as in training
-    return lambda: transform(params, setting.x, setting.y)
+    return lambda: transform(params, *setting.inputs)
 
 
-def _torchjd(setting: Setting) -> Callable[[], Any]:
-    from torchjd.autogram import Engine
-
-    model = copy.deepcopy(setting.model)  # the engine's hooks stay off the other methods' model
-    engine = Engine(model, batch_dim=setting.batch_dim)
-
-    def run() -> Any:
-        return engine.compute_gramian(setting.losses(model(setting.x), setting.y))
-
-    return run
+def _eager(setting: Setting) -> Callable[[], Any]:
+    fn, params = _functional(setting.model, setting)
+    return lambda: torchgram.gramian(fn, params, *setting.inputs, batch_dim=setting.batch_dim)
 
 
 def _per_sample(setting: Setting) -> Callable[[], Any]:
-    fn, params = _functional(setting)
+    fn, params = _functional(setting.model, setting)
+    inputs = setting.inputs
     with torch.no_grad():
-        several = fn(params, setting.x[:2], setting.y[:2]).dim() > 1  # e.g. [B, 2] losses
+        several = fn(params, *inputs).dim() > 1 + (setting.batch_dim is None)  # e.g. [B, 2]
 
-    def one(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return fn(params, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
+    def one(params: dict[str, Tensor], *sample: Tensor) -> Tensor:
+        return fn(params, *(t.unsqueeze(0) for t in sample)).squeeze(0)
 
     def run() -> Tensor:
         if setting.batch_dim is None:
-            jac = jacrev(fn)(params, setting.x, setting.y)
+            jac = jacrev(fn)(params, *inputs)
         else:
             per_row = jacrev if several else grad
-            jac = vmap(per_row(one), in_dims=(None, 0, 0))(params, setting.x, setting.y)
+            jac = vmap(per_row(one), in_dims=(None, *(0 for _ in inputs)))(params, *inputs)
         name = next(iter(params))
         rows = jac[name].numel() // params[name].numel()
         J = torch.cat([j.reshape(rows, -1) for j in jac.values()], dim=1)
@@ -281,39 +137,118 @@ def _per_sample(setting: Setting) -> Callable[[], Any]:
     return run
 
 
+def _torchjd(setting: Setting) -> Callable[[], Any]:
+    if importlib.util.find_spec("torchjd") is None:
+        raise NotApplicable("torchjd not installed; pip install torchjd==0.18.0")
+    from torchjd.autogram import Engine
+
+    model = copy.deepcopy(setting.model)  # the engine's hooks stay off the other methods' model
+    engine = Engine(model, batch_dim=setting.batch_dim)
+
+    def run() -> Any:
+        return engine.compute_gramian(setting.losses(model, *setting.inputs))
+
+    return run
+
+
+def _opacus(setting: Setting) -> Callable[[], Any]:
+    if setting.batch_dim != 0:
+        raise NotApplicable("per-sample norms need samples (batch_dim=0)")
+    if importlib.util.find_spec("opacus") is None:
+        raise NotApplicable("opacus not installed; pip install opacus==1.6.0")
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.validators import ModuleValidator
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in setting.model.modules()):
+        raise NotApplicable("BatchNorm: Opacus would swap it for GroupNorm, another model")
+    # As Opacus's users do: its own nn.MultiheadAttention and nn.LSTM (the same functions).
+    # Its hooks record only in training mode (the models here have no dropout).
+    model = GradSampleModuleFastGradientClipping(
+        ModuleValidator.fix(setting.model).train(), batch_first=True, loss_reduction="mean"
+    )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> Tensor:
+        loss = setting.losses(model, *setting.inputs).mean()
+        torch.autograd.grad(loss, parameters)  # the hooks store each parameter's norms
+        return model.get_norm_sample()  # [B]
+
+    return run
+
+
+def _sgd_step(setting: Setting) -> Callable[[], Any]:
+    model = copy.deepcopy(setting.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+
+    def run() -> None:
+        optimizer.zero_grad()
+        setting.losses(model, *setting.inputs).mean().backward()
+        optimizer.step()
+
+    return run
+
+
+def _jd_step(setting: Setting) -> Callable[[], Any]:
+    model = copy.deepcopy(setting.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    fn, params = _functional(model, setting)
+    direction = torchgram.jd_grad(
+        fn, torchgram.weightings.upgrad, batch_dim=setting.batch_dim
+    )  # built once, as in training
+
+    def run() -> None:
+        torchgram.set_grad(model, direction(params, *setting.inputs))
+        optimizer.step()
+
+    return run
+
+
 def _torchgram_vmapped(setting: Setting) -> Callable[[], Any]:
-    """torchgram with its batched run switched off: fn always runs under vmap over the samples
-    (an ablation, to see what the batched run gains; it reaches into torchgram's internals)."""
-    import torchgram._run
-
-    run = _torchgram(setting)
-    may_batch = torchgram._run._may_batch
-
-    def vmapped() -> Any:
-        torchgram._run._may_batch = lambda *args: False  # type: ignore[assignment]
-        try:
-            return run()
-        finally:
-            torchgram._run._may_batch = may_batch
-
-    return vmapped
+    """torchgram without its batched run: with ``check_samples=False`` fn always runs under
+    vmap over the samples (the batched run is only taken once checked), an ablation to see what
+    the batched run gains."""
+    fn, params = _functional(setting.model, setting)
+    transform = torchgram.gramian_of(fn, batch_dim=setting.batch_dim, check_samples=False)
+    return lambda: transform(params, *setting.inputs)
 
 
-MAKERS = {
+MAKERS: dict[str, Callable[[Setting], Callable[[], Any]]] = {
     "step": _step,
     "torchgram": _torchgram,
-    "torchjd": _torchjd,
+    "eager": _eager,
     "per-sample": _per_sample,
+    "torchjd": _torchjd,
+    "opacus": _opacus,
+    "sgd-step": _sgd_step,
+    "jd-step": _jd_step,
     "torchgram-vmap": _torchgram_vmapped,
 }
 
 
-def _torchjd_missing() -> str | None:
-    try:
-        import torchjd.autogram  # noqa: F401
-    except ImportError as error:
-        return f"torchjd not importable ({error}); pip install torchjd==0.18.0"
-    return None
+def _failure(error: BaseException) -> str:
+    """How a method that raised is reported: ``n/a (why)`` or ``fails (Type: message)``."""
+    if isinstance(error, NotApplicable):
+        return f"n/a ({error})"
+    message = " ".join(str(error).split())[:80]
+    return f"fails ({type(error).__name__}: {message})"
+
+
+def _prepare(
+    setting: Setting, methods: list[str]
+) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """Each method's run, built and called once (the first call: probes, checks, lazy imports),
+    and the failures of those that could not (``_failure``'s text)."""
+    runs, failed = {}, {}
+    for name in methods:
+        try:
+            run = MAKERS[name](setting)
+            run()
+        except Exception as error:  # a method that cannot run here is a result, not a crash
+            failed[name] = _failure(error)
+        else:
+            runs[name] = run
+        gc.collect()
+    return runs, failed
 
 
 def _time(
@@ -402,16 +337,17 @@ def measure_memory(method: str, arch: str, threads: int) -> None:
     """Print the peak RSS growth (bytes) of one call of ``method``, in this fresh process.
 
     One warm-up call first (lazy imports, allocator pools), then the peak is reset (on Linux)
-    and one call is measured.
+    and one call is measured. A method that cannot run prints its failure instead.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    setting = ARCHITECTURES[arch]()
-    run = MAKERS[method](setting)
-    run()
+    runs, failed = _prepare(ARCHITECTURES[arch](), [method])
+    if failed:
+        print(json.dumps({"failed": failed[method]}))
+        return
     gc.collect()
     baseline = _reset_peak()
-    run()
+    runs[method]()
     print(json.dumps({"peak_bytes": _peak_rss_bytes() - baseline}))
 
 
@@ -425,19 +361,22 @@ def _memory_in_subprocess(method: str, arch: str, threads: int) -> float | None:
     if result.returncode != 0:
         print(f"  memory of {method} on {arch} failed: {result.stderr.strip()[-300:]}")
         return None
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return json.loads(result.stdout.strip().splitlines()[-1]).get("peak_bytes")
 
 
-def _time_architecture(arch: str, methods: list[str], repeats: int) -> dict[str, list[float]]:
+def _time_architecture(arch: str, methods: list[str], repeats: int) -> dict[str, Any]:
+    """``{"times": {method: seconds per repeat}, "failed": {method: why}}`` in this process."""
     torch.manual_seed(0)
-    setting = ARCHITECTURES[arch]()
-    return _time({m: MAKERS[m](setting) for m in methods}, repeats)
+    runs, failed = _prepare(ARCHITECTURES[arch](), methods)
+    if "step" in failed:
+        return {"times": {}, "failed": {m: failed["step"] for m in methods}}
+    return {"times": _time(runs, repeats), "failed": failed}
 
 
 def _times_in_subprocess(
     arch: str, methods: list[str], repeats: int, threads: int
-) -> dict[str, list[float]]:
-    """:func:`_time` of some methods on one architecture, in a fresh process.
+) -> dict[str, Any]:
+    """:func:`_time_architecture` of some methods on one architecture, in a fresh process.
 
     The run times each method against the step, the pair in processes of its own, because what
     else runs in a process moves the ratios, and not alike for all methods (the allocator's and
@@ -448,23 +387,17 @@ def _times_in_subprocess(
     the two small models measured 1.02x with its step at 45 ms instead of 27-31 ms. A training
     process runs one model and one method. (The step's own time also moves between processes:
     ``iwmtl``'s takes 1.6 or 2.0-2.4 ms, and the ratio is lower in the slow ones, as if both
-    methods paid the same fixed extra.)
+    methods paid the same fixed extra.) A process that dies (killed for memory, a crash in a
+    kernel) fails the methods it timed.
     """
     command = [sys.executable, __file__, "--time-one", arch, "--methods", *methods]
     command += ["--repeats", str(repeats), "--threads", str(threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"timing {arch} failed: {result.stderr.strip()[-2000:]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1][:80]
+        why = f"fails (process exited with {result.returncode}: {last})"
+        return {"times": {}, "failed": {m: why for m in methods}}
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _cell(ratio: float | None, memory: float | None) -> str:
-    if ratio is None:
-        return "n/a"
-    text = f"{ratio:.2f}x"
-    if memory is not None:
-        text += f", {memory / 2**20:.0f} MiB"
-    return text
 
 
 def _positive(text: str) -> int:
@@ -474,12 +407,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="one process, one timed repeat, no memory"
     )
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), action="append")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), action="append")
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -498,74 +431,127 @@ def main() -> None:
     parser.add_argument(
         "--one-process",
         action="store_true",
-        help="time every architecture in this process (by default each in a fresh one)",
+        help="time all methods of an architecture in one process (by default each method "
+        "against the step in fresh ones)",
     )
     parser.add_argument("--measure-memory", nargs=2, metavar=("METHOD", "ARCH"))
     parser.add_argument("--time-one", metavar="ARCH", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
     if args.measure_memory:
-        measure_memory(*args.measure_memory, args.threads)
+        method, arch = args.measure_memory
+        measure_memory(method, arch, args.threads)
         return
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     if args.quick:
         args.processes = 1
     methods = list(args.methods)
-    missing = _torchjd_missing()
-    if missing and "torchjd" in methods:
-        print(f"note: skipping torchjd: {missing}")
-        methods.remove("torchjd")
     if args.time_one:  # a subprocess of the run below: one architecture's times, as JSON
         print(json.dumps(_time_architecture(args.time_one, methods, repeats)))
         return
     if "step" not in methods:
         methods.insert(0, "step")  # the reference of every ratio
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{args.threads} threads, {os.cpu_count()} cores, load average {load}", flush=True)
     rows = []
     for arch in args.arch or list(ARCHITECTURES):
-        others = [m for m in methods if m != "step"]
-        if args.one_process:
-            every = _time_architecture(arch, methods, repeats)
-            groups = {m: [{"step": every["step"], m: every[m]}] for m in others}
-        else:  # each method against the step, the pair in fresh processes of its own
-            groups = {m: [] for m in others}
-            for _ in range(args.processes):  # processes interleaved, so drifts hit all alike
-                for m in others:
-                    groups[m].append(_times_in_subprocess(arch, ["step", m], repeats, args.threads))
-        ratios, spreads = {"step": 1.0}, {}
-        step_seconds = [statistics.median(t["step"]) for g in groups.values() for t in g]
-        for m, in_processes in groups.items():
-            ratios[m], spreads[m] = _ratio(in_processes, m)
-        memory = {
-            m: None if args.quick else _memory_in_subprocess(m, arch, args.threads) for m in methods
-        }
-        rows.append((arch, statistics.median(step_seconds), ratios, memory))
-        cells = ", ".join(f"{m} {ratios[m]:.2f}x" for m in others)
-        steps = ", ".join(f"{t * 1e3:.1f}" for t in step_seconds)
-        if repeats > 1 or len(step_seconds) > len(others):
-            cells += " (" + "; ".join(f"{m} {r}" for m, r in spreads.items()) + ")"
-        print(f"{arch}: step {steps} ms; {cells}", flush=True)
+        reason = missing(arch)
+        if reason:
+            print(f"note: skipping {arch}: {reason}", flush=True)
+            continue
+        rows.append(_run_architecture(arch, methods, repeats, args))
     _print_table(rows, methods)
 
 
-def _print_table(
-    rows: list[tuple[str, float, dict[str, float], dict[str, Any]]], methods: list[str]
-) -> None:
+Row = tuple[str, float, dict[str, float], dict[str, str]]  # arch, step (s), ratios, cells
+
+
+def _run_architecture(arch: str, methods: list[str], repeats: int, args: argparse.Namespace) -> Row:
+    """Times and memory of every method on one architecture, printed as they come."""
+    others = [m for m in methods if m != "step"]
+    failed: dict[str, str] = {}
+    groups: dict[str, list[dict[str, list[float]]]] = {m: [] for m in others}
+    if args.one_process:
+        every = _time_architecture(arch, methods, repeats)
+        failed = every["failed"]
+        for m in others:
+            if m not in failed:
+                groups[m].append({"step": every["times"]["step"], m: every["times"][m]})
+    else:  # each method against the step, the pair in fresh processes of its own
+        for _ in range(args.processes):  # processes interleaved, so drifts hit all alike
+            for m in others:
+                if m in failed:
+                    continue  # what failed once fails again: no point in timing it
+                result = _times_in_subprocess(arch, ["step", m], repeats, args.threads)
+                if m in result["failed"]:
+                    failed[m] = result["failed"][m]
+                else:
+                    groups[m].append(result["times"])
+    ratios, spreads, cells = {"step": 1.0}, {}, {}
+    for m, in_processes in groups.items():
+        if in_processes:
+            ratios[m], spreads[m] = _ratio(in_processes, m)
+    step_seconds = [statistics.median(t["step"]) for g in groups.values() for t in g]
+    for m in methods:
+        if m in failed:
+            cells[m] = failed[m]
+            continue
+        memory = None if args.quick else _memory_in_subprocess(m, arch, args.threads)
+        cells[m] = f"{ratios[m]:.2f}x" + ("" if memory is None else f", {memory / 2**20:.0f} MiB")
+    step = statistics.median(step_seconds) if step_seconds else math.nan
+    timed = ", ".join(f"{m} {ratios[m]:.2f}x" for m in others if m in ratios) or "nothing timed"
+    if spreads and (repeats > 1 or len(step_seconds) > len(spreads)):
+        timed += " (" + "; ".join(f"{m} {r}" for m, r in spreads.items()) + ")"
+    steps = ", ".join(f"{t * 1e3:.1f}" for t in step_seconds)
+    steps = f"{steps} ms" if steps else "not timed"
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{arch}: step {steps}; {timed} [load average {load}]", flush=True)
+    for m, why in failed.items():
+        print(f"  {m}: {why}", flush=True)
+    return arch, step, ratios, cells
+
+
+def _print_table(rows: list[Row], methods: list[str]) -> None:
+    """The results as a Markdown table, with the geometric mean of each method's ratios over
+    the architectures where it ran, and ``jd-step / sgd-step`` when both were timed."""
+    overhead = "jd-step" in methods and "sgd-step" in methods
+    extra = " jd-step / sgd-step |" if overhead else ""
     print()
-    print("| architecture | step (ms) | " + " | ".join(methods) + " |")
-    print("|---|---:|" + "---:|" * len(methods))
+    print("| architecture | step (ms) | " + " | ".join(methods) + " |" + extra)
+    print("|---|---:|" + "---:|" * (len(methods) + overhead))
     ratios: dict[str, list[float]] = {m: [] for m in methods}
-    for arch, step, of_arch, memory in rows:
-        cells = []
+    jd_overheads = []
+    for arch, step, of_arch, cells in rows:
         for m in methods:
-            ratios[m].append(of_arch[m])
-            cells.append(_cell(of_arch[m], memory[m]))
-        print(f"| {arch} | {step * 1e3:.1f} | " + " | ".join(cells) + " |")
-    means = [f"{math.exp(statistics.fmean(math.log(r) for r in ratios[m])):.2f}x" for m in methods]
-    print("| geometric mean | | " + " | ".join(means) + " |")
+            if m in of_arch:
+                ratios[m].append(of_arch[m])
+        milliseconds = "n/a" if math.isnan(step) else f"{step * 1e3:.1f}"
+        line = f"| {arch} | {milliseconds} | " + " | ".join(cells[m] for m in methods) + " |"
+        if overhead:
+            both = "jd-step" in of_arch and "sgd-step" in of_arch
+            jd_overheads += [of_arch["jd-step"] / of_arch["sgd-step"]] if both else []
+            line += f" {jd_overheads[-1]:.2f}x |" if both else " n/a |"
+        print(line)
+    means = [_geometric_mean(ratios[m], len(rows)) for m in methods]
+    extra = f" {_geometric_mean(jd_overheads, len(rows))} |" if overhead else ""
+    print("| geometric mean | | " + " | ".join(means) + " |" + extra)
     print(
         "\nCells: median time / median time of `step` (each method timed against the step in "
-        "processes of its own, the median of their ratios), peak RSS growth in a separate process."
+        "processes of its own, the median of their ratios), peak RSS growth in a separate "
+        "process. Geometric means over the architectures where the method ran (how many, when "
+        "not all)."
     )
+
+
+def _geometric_mean(values: list[float], of: int) -> str:
+    if not values:
+        return "n/a"
+    mean = f"{math.exp(statistics.fmean(math.log(v) for v in values)):.2f}x"
+    return mean if len(values) == of else f"{mean} ({len(values)} of {of})"
 
 
 if __name__ == "__main__":
