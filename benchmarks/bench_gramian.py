@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import importlib.util
 import json
@@ -333,11 +334,22 @@ def _reset_peak() -> int:
     return _peak_rss_bytes()
 
 
+def _trim() -> None:
+    """Give the memory glibc keeps free back to the OS (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def measure_memory(method: str, arch: str, threads: int) -> None:
     """Print the peak RSS growth (bytes) of one call of ``method``, in this fresh process.
 
-    One warm-up call first (lazy imports, allocator pools), then the peak is reset (on Linux)
-    and one call is measured. A method that cannot run prints its failure instead.
+    One warm-up call first (lazy imports, allocator pools), then glibc gives back the memory it
+    kept free (``malloc_trim``: without it the measured call reused pages the warm-up had freed,
+    and a method could read 0 B where it needs 2 MiB), the peak is reset (on Linux) and one call
+    is measured: the resident memory the call needs beyond what was live before it.
+    A method that cannot run prints its failure instead.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -346,6 +358,7 @@ def measure_memory(method: str, arch: str, threads: int) -> None:
         print(json.dumps({"failed": failed[method]}))
         return
     gc.collect()
+    _trim()
     baseline = _reset_peak()
     runs[method]()
     print(json.dumps({"peak_bytes": _peak_rss_bytes() - baseline}))
