@@ -161,13 +161,13 @@ MUTANTS = [
     # the sample check
     Mutant(
         "sample check: tolerance 100x looser", "_samples.py", "_difference",
-        "if gap <= _precision(b) ** 0.5 * max(scale, 1.0):",
-        "if gap <= 100 * _precision(b) ** 0.5 * max(scale, 1.0):", SAMPLES,
+        "if gap <= _precision(b) ** (2 / 3) * max(scale, 1.0):",
+        "if gap <= 100 * _precision(b) ** (2 / 3) * max(scale, 1.0):", SAMPLES,
     ),
     Mutant(
         "sample check: tolerance 100x tighter", "_samples.py", "_difference",
-        "if gap <= _precision(b) ** 0.5 * max(scale, 1.0):",
-        "if gap <= 0.01 * _precision(b) ** 0.5 * max(scale, 1.0):",
+        "if gap <= _precision(b) ** (2 / 3) * max(scale, 1.0):",
+        "if gap <= 0.01 * _precision(b) ** (2 / 3) * max(scale, 1.0):",
         (*SAMPLES, "tests/test_memo.py"),
     ),
     Mutant(
