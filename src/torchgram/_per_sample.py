@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -140,12 +139,10 @@ def linearise_vmapped(
     check_taps(tape, probed, options.caller)
     per_sample_shape = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents = pull_rows(reverse, tape, per_sample_shape, probed) if taps else []
-    result = Linearised(
+    return Linearised(
         out, box.unpack(aux), tape.uses, list(records), cotangents, inputs.params, b,
-        options.chunk_bytes,
+        options.chunk_bytes, random=tape.random,
     )  # fmt: skip
-    result.random = tape.random
-    return result
 
 
 def linearise_looped(
@@ -154,7 +151,7 @@ def linearise_looped(
     """fn on each sample in turn (a batch of one each), stacked as vmap stacks the samples."""
     b = check_output(probed.shape, options)
     runs = [
-        linearise_whole(fn, _sample(inputs, i), options, probed, per_sample=True)[0]
+        linearise_whole(fn, inputs.sample(i), options, probed, per_sample=True)[0]
         for i in range(batch)
     ]
     first = runs[0]
@@ -165,26 +162,17 @@ def linearise_looped(
     aux = None
     if options.has_aux:
         leaves, spec = optree.tree_flatten(first.aux, none_is_leaf=True)
+        each = [optree.tree_leaves(run.aux, none_is_leaf=True) for run in runs]
         stacked = [
-            torch.stack([optree.tree_leaves(run.aux, none_is_leaf=True)[i] for run in runs])
+            torch.stack([run_leaves[i] for run_leaves in each])
             for i, x in enumerate(leaves)
             if isinstance(x, Tensor)
         ]
         aux = _merged_aux(spec, leaves, stacked, b)
-    result = Linearised(
+    return Linearised(
         torch.cat([run.out for run in runs], dim=b), aux, first.uses, records, cotangents,
-        inputs.params, b, options.chunk_bytes,
+        inputs.params, b, options.chunk_bytes, random=any(run.random for run in runs),
     )  # fmt: skip
-    result.random = any(run.random for run in runs)
-    return result
-
-
-def _sample(inputs: Inputs, i: int) -> Inputs:
-    """``inputs`` with only sample ``i`` (a batch of one) in every batched argument."""
-    data = tuple(
-        x if d is None else x.narrow(d, i, 1) for x, d in zip(inputs.data, inputs.dims, strict=True)
-    )
-    return dataclasses.replace(inputs, data=data)
 
 
 def linearise_batched(
@@ -231,7 +219,7 @@ def linearise_batched(
     cotangents: list[Tensor] = []
     if shapes:  # plain autograd: exact all at once
         cotangents, probed.apart = pull_back(reverse, per_sample, probed.apart)
-    result = Linearised(
+    return Linearised(
         out,
         None,
         tape.uses,
@@ -240,9 +228,8 @@ def linearise_batched(
         inputs.params,
         b,
         options.chunk_bytes,
+        random=tape.random,
     )
-    result.random = tape.random
-    return result
 
 
 def _sample_dims(shapes: list[torch.Size], ones: list[torch.Size], batch: int) -> list[int] | None:

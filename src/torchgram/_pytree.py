@@ -6,6 +6,7 @@ positional arguments with the dimension (or None) where each holds its samples.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,8 +82,16 @@ class Inputs:
 
     def first(self, n: int) -> list[Any]:
         """The data leaves with only their first ``n`` samples."""
+        return self._narrowed(0, n)
+
+    def sample(self, i: int) -> Inputs:
+        """These inputs with only sample ``i`` (a batch of one) in every batched argument."""
+        return dataclasses.replace(self, data=tuple(self._narrowed(i, 1)))
+
+    def _narrowed(self, start: int, length: int) -> list[Any]:
         return [
-            x if d is None else x.narrow(d, 0, n) for x, d in zip(self.data, self.dims, strict=True)
+            x if d is None else x.narrow(d, start, length)
+            for x, d in zip(self.data, self.dims, strict=True)
         ]
 
     def batched(self) -> list[int]:

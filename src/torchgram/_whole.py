@@ -110,9 +110,9 @@ def linearise_whole(
         inputs.params,
         None,
         options.chunk_bytes,
+        random=tape.random,
+        statistics=tape.guard.statistics,
     )
-    linearised.random = tape.random
-    linearised.statistics = tape.guard.statistics
     return linearised, probed
 
 
