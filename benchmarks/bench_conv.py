@@ -12,7 +12,7 @@ by side in one process, the Gramian of the per-sample weight gradients
 
 as a ratio to one weight-gradient convolution over the whole batch (what a training step spends
 on that weight), and marks the form and kernel ``Conv`` chooses (``*``). This is where the
-thresholds in ``torchgram._factors_conv`` come from.
+thresholds in ``torchgram._ops.conv_factor`` come from.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from _timing import median_time
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES
-from torchgram._factors_conv import Conv
+from torchgram._ops.conv_factor import Conv
 
 Tensor = torch.Tensor
 # (name, batch, C_in, C_out, image size, stride)

@@ -74,39 +74,39 @@ EXAMPLES = ("tests/test_examples.py",)
 MUTANTS = [
     # the rules
     Mutant(
-        "linear: drop the bias", "_rules/linear.py", "linear_rule",
+        "linear: drop the bias", "_ops/linear.py", "linear_rule",
         "    if bias is not None:\n        out.append(", "    if False:\n        out.append(",
         LINEAR + EXAMPLES,
     ),
     Mutant(
-        "matmul: drop the transpose of x @ W", "_rules/linear.py", "matmul_rule",
+        "matmul: drop the transpose of x @ W", "_ops/linear.py", "matmul_rule",
         "Linear(transposed_region(right),", "Linear(transposed_region(right).T,",
         LINEAR, "x @ W's factor on W's region, not W.T's",
     ),
     Mutant(
-        "einsum: swap the row and sample axes of the cotangent", "_rules/linear.py",
+        "einsum: swap the row and sample axes of the cotangent", "_ops/linear.py",
         "einsum_rule", "[row + sample + output]", "[sample + row + output]", LINEAR,
     ),
     Mutant(
-        "conv: 'same' padding's odd element on the left", "_rules/conv.py", "_padding",
+        "conv: 'same' padding's odd element on the left", "_ops/conv.py", "_padding",
         "(total // 2, total - total // 2)", "(total - total // 2, total // 2)", CONV,
     ),
     Mutant(
-        "conv: ignore the dilation", "_rules/conv.py", "conv_rule",
+        "conv: ignore the dilation", "_ops/conv.py", "conv_rule",
         'dilation = _per_dim(argument(args, kwargs, 5, "dilation") or 1, n)',
         "dilation = _per_dim(1, n)", CONV,
     ),
     Mutant(
-        "embedding: ignore padding_idx", "_rules/embedding.py", "embedding_rule",
+        "embedding: ignore padding_idx", "_ops/embedding.py", "embedding_rule",
         "if padding_idx is not None and padding_idx >= 0:", "if False:",
         ("tests/test_rules_embedding.py",),
     ),
     Mutant(
-        "layer_norm: ignore eps", "_rules/norm.py", "layer_norm_rule",
+        "layer_norm: ignore eps", "_ops/norm.py", "layer_norm_rule",
         "(1e-5 if eps is None else eps)", "1e-5", NORM,
     ),
     Mutant(
-        "layer_norm: drop the bias", "_rules/norm.py", "layer_norm_rule",
+        "layer_norm: drop the bias", "_ops/norm.py", "layer_norm_rule",
         "    if bias is not None:\n        out.append(", "    if False:\n        out.append(",
         NORM,
     ),

@@ -11,7 +11,7 @@ import torch
 from oracle import flat_gramian, jacobian_matrix
 
 import torchgram
-import torchgram._rules as rules
+import torchgram._ops as rules
 from torchgram._linearised import Options
 from torchgram._pytree import split_inputs
 from torchgram._run import linearise

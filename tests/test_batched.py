@@ -131,10 +131,10 @@ _LAYER_NORMS = {
 @pytest.mark.parametrize("variant", sorted(_LAYER_NORMS))
 def test_layer_norm_rule_in_the_batched_run(runs, monkeypatch, variant) -> None:
     """Tapped on its output (the batched run), layer_norm's affine parameters take the closed
-    form (``_rules.norm``), exact against the oracle."""
-    from torchgram import _rules
+    form (``_ops.norm``), exact against the oracle."""
+    from torchgram import _ops
 
-    rule = _rules.RULES["layer_norm"]
+    rule = _ops.RULES["layer_norm"]
     taken: list[bool] = []
 
     def spy(*args):
@@ -142,7 +142,7 @@ def test_layer_norm_rule_in_the_batched_run(runs, monkeypatch, variant) -> None:
         taken.append(found is not None)
         return found
 
-    monkeypatch.setitem(_rules.RULES, "layer_norm", spy)
+    monkeypatch.setitem(_ops.RULES, "layer_norm", spy)
     norm = _LAYER_NORMS[variant]
 
     def fn(p, x):  # x [B, T, d_in]

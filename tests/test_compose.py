@@ -274,7 +274,7 @@ def test_inside_no_grad_and_with_inputs_requiring_grad() -> None:
 @pytest.mark.parametrize("kernel", ["chosen", "patches", "grouped", "rows"])
 def test_vmap_over_ensemble_with_chunked_rules(monkeypatch, kernel) -> None:
     # tiny chunks force the blockwise paths of the ghost and conv rules under an outer vmap
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     if kernel != "chosen":
         monkeypatch.setattr(Conv, "kernel_for_gradients", lambda self, chunk_bytes: kernel)
@@ -303,7 +303,7 @@ def test_vmap_over_ensemble_with_chunked_rules(monkeypatch, kernel) -> None:
 @pytest.mark.parametrize("kernel", ["chosen", "patches", "grouped", "rows"])
 def test_func_grad_of_trace_through_convolutions_equals_oracle(monkeypatch, kernel) -> None:
     """Through every kernel of the materialised conv form (and the choice the shapes make)."""
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     if kernel != "chosen":
         monkeypatch.setattr(Conv, "kernel_for_gradients", lambda self, chunk_bytes: kernel)

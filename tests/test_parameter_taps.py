@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 import torchgram
-import torchgram._rules as rules
+import torchgram._ops as rules
 import torchgram._tape as tape
 
 

@@ -176,13 +176,13 @@ def test_attention_kernel_chosen_only_where_fn_calls_attention(monkeypatch, batc
     """The math kernel of scaled_dot_product_attention (the one vmap can batch) is chosen for the
     runs of fn that call attention, and choosing it is skipped for the others."""
     chosen: list[bool] = []
-    choose = _tape.math_attention
+    choose = _tape.math_kernel
 
     def spy():
         chosen.append(True)
         return choose()
 
-    monkeypatch.setattr(_tape, "math_attention", spy)
+    monkeypatch.setattr(_tape, "math_kernel", spy)
     F = torch.nn.functional
 
     def attention(params, x):  # x: [B, T, 4]

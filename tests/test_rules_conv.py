@@ -119,7 +119,7 @@ def test_pixel_form_blocks_stay_within_the_chunk() -> None:
     blocks are sized by the pixels too, and nothing it builds exceeds ``max_chunk_bytes``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     torch.manual_seed(0)
     D = torch.float64
@@ -150,7 +150,7 @@ def _force_form(monkeypatch, form: str | bool) -> None:
     """Force the conv factors' form: ``"patches"``, ``"pixels"`` (ghost forms; pixels need
     stride 1, patches are used otherwise) or ``"materialised"``; True or False for ghost on
     patches or materialised."""
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     if isinstance(form, bool):
         form = "patches" if form else "materialised"
@@ -165,7 +165,7 @@ def _force_form(monkeypatch, form: str | bool) -> None:
 
 def _count_blocks(monkeypatch, method: str) -> list[int]:
     """Wraps ``Conv.<method>`` (a generator of blocks): one entry per call, its number of blocks."""
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     original = getattr(Conv, method)
     counts: list[int] = []
@@ -187,7 +187,7 @@ GENERATORS = {"patches": "_patch_blocks", "grouped": "_grouped_blocks", "rows": 
 
 def _force_kernel(monkeypatch, kernel: str) -> None:
     """The materialised form builds per-sample gradients with ``kernel`` (patches need G = 1)."""
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     choose = Conv.kernel_for_gradients
 
@@ -338,7 +338,7 @@ def test_conv_and_elementwise_use_on_one_region(monkeypatch, padding) -> None:
     ],
 )
 def test_kernel_for_gradients(batch, c_in, c_out, size, groups, chunk, expected) -> None:
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     x = torch.zeros(batch, 1, c_in, size, size)
     dy = torch.zeros(1, batch, 1, c_out, size, size)
@@ -353,7 +353,7 @@ def test_pixel_similarities_with_dilation_padding_and_several_images(
 ) -> None:
     """The pixel form, stride 1: with ``batch_dim=None`` every sample holds N images (one per
     row of the batch), each with its own zero pixel for the padding."""
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     _force_form(monkeypatch, "pixels")
     calls = []
@@ -379,7 +379,7 @@ def test_pixel_similarities_with_dilation_padding_and_several_images(
     ],
 )
 def test_form_by_cost(batch, channels, size, stride, expected) -> None:
-    from torchgram._factors_conv import Conv
+    from torchgram._ops.conv_factor import Conv
 
     x = torch.zeros(batch, 1, channels, size, size)
     dy = torch.zeros(1, batch, 1, channels, size // stride, size // stride)

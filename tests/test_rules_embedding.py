@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from rule_check import check_exact, rule_counts
 
-from torchgram._factors_embedding import Embedding
+from torchgram._ops.embedding import Embedding
 
 TOKENS = torch.tensor([[1, 2, 0, 3, 3], [0, 0, 5, 6, 1], [2, 2, 2, 4, 0]])
 

@@ -132,7 +132,7 @@ def test_bias_factor_sums_the_tokens_when_needed(tokens, may_join) -> None:
     only where the bias may join its weight's ghost Gramian; otherwise it is made at once, so
     that the bias factor does not hold the cotangents themselves."""
     from torchgram._factors import Dense, TokenSum
-    from torchgram._rules.linear import _bias_factor
+    from torchgram._ops.linear import _bias_factor
     from torchgram._uses import ParamView
 
     D = torch.randn(2, 3, tokens, 4, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The norm rules (``torchgram._rules.norm``): layer_norm's closed form reads the op's ``eps``.
+"""The norm rules (``torchgram._ops.norm``): layer_norm's closed form reads the op's ``eps``.
 
 The closed form runs where layer_norm is tapped on its output: the batched run (fn on the whole
 batch, taken where fn calls attention). Its ``eps`` is given positionally by ``nn.LayerNorm``

@@ -7,7 +7,7 @@ Gramian into the weights of Jacobian descent.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from torchgram import weightings
+from torchgram import rules, weightings
 from torchgram._grads import set_grad
 from torchgram._shapes import flatten
 from torchgram._transform import gramian, gramian_of, jd_grad, vjp_and_gramian
@@ -23,6 +23,7 @@ __all__ = [
     "gramian",
     "gramian_of",
     "jd_grad",
+    "rules",
     "set_grad",
     "vjp_and_gramian",
     "weightings",

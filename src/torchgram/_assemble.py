@@ -31,7 +31,7 @@ from torchgram._factors import (
     ghost_gramian,
     use_ghost,
 )
-from torchgram._factors_embedding import Embedding
+from torchgram._ops.embedding import Embedding
 from torchgram._uses import positions
 
 Tensor = torch.Tensor

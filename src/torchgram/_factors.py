@@ -7,7 +7,7 @@ flattened as ``k * B + i``. Every factor describes the gradients ``g[k, i]`` of 
 - ``Linear``: ``g[k, i] = sum_t D[k, i, t]ᵀ A[i, t]`` (a linear map used on T tokens). Its
   Gramian has a ghost form that never builds ``g`` and a materialised form; the cheaper one is used.
 - ``Dense``: ``g`` itself, ``[K, B, *region]``.
-- ``torchgram._factors_conv.Conv`` and ``torchgram._factors_embedding.Embedding``: the
+- ``torchgram._ops.conv_factor.Conv`` and ``torchgram._ops.embedding.Embedding``: the
   same idea for convolutions (unfolded patches, per group) and embeddings (token equality).
 
 Every ``gramian`` takes ``chunk_bytes``: the largest intermediate it may build at once (blocks of

@@ -1,15 +1,17 @@
-"""What the tape checks on every op before it runs.
+"""What the tape checks on every op before it runs (the checks that belong to one op family
+live in its module under ``torchgram._ops`` and are called from here).
 
-- randomness (dropout in training, random sampling), which skips the sample check;
-- ops that mix samples under ``batch_dim`` (batch norm with batch statistics): refused;
+- randomness (dropout in training, random sampling: ``_ops.random``), noted for the sample check;
+- attention (``_ops.attention``), noted for the choice of run;
+- norms that mix samples under ``batch_dim`` or update running statistics inside their kernel
+  (``_ops.norm``): refused, or their statistics saved to be put back;
+- a gradient taken inside fn (``torch.autograd.grad``): refused;
 - writes the Gramian cannot follow (an in-place op or ``out=`` reading a parameter): refused;
-- batch norm in training mode with running statistics, which it updates inside the kernel (out of
-  sight of the tape and of ``torch.func``): refused;
 - when the run is plain autograd (no ``torch.func`` transform refuses them for us), writes into
   tensors fn did not create in this run (a buffer, an argument, a captured tensor): before such
-  an op runs, ``NeedsTransform`` hands
-  the run back so that it is made again under ``torch.func.vjp``, which refuses the write with
-  its own error, or lets it through where the guess was wrong.
+  an op runs, ``NeedsTransform`` hands the run back so that it is made again under
+  ``torch.func.vjp``, which refuses the write with its own error, or lets it through where the
+  guess was wrong.
 """
 
 from __future__ import annotations
@@ -22,29 +24,20 @@ from typing import Any
 import torch
 
 from torchgram._internals import is_wrapped, tracked
+from torchgram._ops.attention import is_attention
+from torchgram._ops.norm import (
+    WEIGHTED_NORMS,
+    check_batch_norm,
+    instance_norm_statistics,
+)
+from torchgram._ops.random import DROPOUTS, RANDOM_OPS, draws
 
 Tensor = torch.Tensor
 
-DROPOUTS = frozenset(
-    {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
-)
-_RANDOM_OPS = frozenset(
-    {"bernoulli", "rand_like", "randn_like", "randint_like", "normal", "multinomial", "rand"}
-    | {"randn", "randint", "randperm", "native_dropout", "uniform_", "normal_", "bernoulli_"}
-)
-# Norms whose affine weight torch 2.13's vmap gets wrong in a pull-back that is differentiated
-# again (vmap over the rows of the vjp with respect to the weight): where the Gramian is
-# differentiated under torch.func, the rows are pulled back one at a time (torchgram._run).
-WEIGHTED_NORMS = frozenset(
-    {
-        "layer_norm", "native_layer_norm", "batch_norm", "native_batch_norm", "instance_norm",
-        "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-    }
-)  # fmt: skip
 # What Guard._note looks at, beside attention.
 _NOTED = (
     DROPOUTS
-    | _RANDOM_OPS
+    | RANDOM_OPS
     | WEIGHTED_NORMS
     | {"batch_norm", "instance_norm", "custom_function_call", "grad", "backward"}
 )
@@ -69,26 +62,10 @@ _ALIASING = frozenset(
 )  # fmt: skip
 
 
-class CrossSampleOpError(ValueError):
-    """fn called an op that mixes the samples of a batch while ``batch_dim`` was set."""
-
-
 class NeedsTransform(Exception):
     """The plain-autograd run must be made under ``torch.func`` instead: an op is about to
     write into a tensor fn did not create in this run, or a parameter is used in a custom
     ``autograd.Function``'s forward where taps are made as the run goes."""
-
-
-def captured_write_error(caller: str, detail: str) -> ValueError:
-    """The error for fn writing into a tensor it did not create (``detail``: what did)."""
-    return ValueError(
-        f"{caller}: fn changes in place a tensor it did not create ({detail}). "
-        "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
-        "cause is BatchNorm in training mode updating its running statistics: call "
-        "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
-        "(or track_running_stats=False) to normalise with batch statistics without "
-        "updating any (then with batch_dim=None, as batch statistics mix samples)."
-    )
 
 
 def restore(statistics: Sequence[tuple[Tensor, Tensor]]) -> None:
@@ -121,13 +98,7 @@ def _in_place(name: str) -> bool:
 def _noted(name: str) -> bool:
     """Whether ``Guard._note`` has something to note about an op of this name (it runs on
     every op fn calls: one lookup for the common op that needs nothing)."""
-    return name in _NOTED or attention(name)
-
-
-@functools.lru_cache(maxsize=1024)
-def attention(name: str) -> bool:
-    """scaled_dot_product_attention, or a function that may call it out of the tape's sight."""
-    return "attention" in name or "transformer" in name
+    return name in _NOTED or is_attention(name)
 
 
 def writes_input(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -209,18 +180,14 @@ class Guard:
 
     def _note(self, func: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict) -> None:
         """Note randomness, attention, a custom Function or a weighted norm; check batch_norm."""
-        if name in DROPOUTS:
-            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            training = kwargs.get(
-                "training", kwargs.get("train", args[2] if len(args) > 2 else True)
-            )
-            self.random |= bool(training) and float(p) > 0
-        elif name in _RANDOM_OPS:
-            self.random = True
+        if name in DROPOUTS or name in RANDOM_OPS:
+            self.random |= draws(name, args, kwargs)
         elif name == "batch_norm":
-            self._batch_norm(func, args, kwargs)
+            check_batch_norm(func, args, kwargs, self.caller, self.per_sample)
         elif name == "instance_norm":
-            self._instance_norm(func, args, kwargs)
+            self.statistics.extend(
+                instance_norm_statistics(func, args, kwargs, self.caller, self.per_sample)
+            )
         elif func in _GRADIENTS:
             raise ValueError(
                 f"{self.caller}: fn calls torch.autograd.{name} (a gradient inside fn, e.g. a "
@@ -228,7 +195,7 @@ class Guard:
                 "the Gramian would miss how it depends on the parameters. Compute such a term "
                 "outside fn, or use torch.func.jacrev on the whole loss for this Gramian."
             )
-        elif attention(name):
+        elif is_attention(name):
             self.attention = True
         elif name == "custom_function_call":  # an autograd.Function, as torch.func sees it
             self.custom_function = True
@@ -279,57 +246,3 @@ class Guard:
     def _made_here(self, tensor: Tensor) -> bool:
         base = tensor._base
         return id(tensor) in self._created and (base is None or id(base) in self._created)
-
-    def _instance_norm(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> None:
-        """instance_norm with running statistics and the input's own updates them inside the
-        kernel, with a mean over the batch: refused with ``batch_dim`` (vmap cannot follow the
-        write, and a run per sample would make one update per sample), before it runs."""
-        functional = func is torch.nn.functional.instance_norm
-        names = ("running_mean", "running_var", "use_input_stats")
-        positions = (1, 2, 5) if functional else (3, 4, 5)
-        mean, var, own = (
-            kwargs.get(n, args[p] if len(args) > p else None)
-            for n, p in zip(names, positions, strict=True)
-        )
-        updates = (own is None or bool(own)) and (
-            isinstance(mean, Tensor) or isinstance(var, Tensor)
-        )
-        if updates and not self.per_sample:
-            self.statistics.extend(
-                (t, t.detach().clone()) for t in (mean, var) if isinstance(t, Tensor)
-            )
-        if updates and self.per_sample:
-            raise CrossSampleOpError(
-                f"{self.caller}: fn calls instance_norm with running statistics in training "
-                "mode, which updates them with a mean over the batch inside the kernel, so "
-                "batch_dim cannot separate the samples of that update. Call model.eval() to "
-                "use the running statistics without updating them, build the norm with "
-                "track_running_stats=False, or pass batch_dim=None (exact, and the statistics "
-                "are updated once per call)."
-            )
-
-    def _batch_norm(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> None:
-        training = kwargs.get("training", args[5] if len(args) > 5 else False)
-        if not training:
-            return
-        if self.per_sample:
-            raise CrossSampleOpError(
-                f"{self.caller}: fn calls batch_norm in training mode, which normalises each "
-                "sample with statistics of the whole batch, so a sample's output depends on "
-                "the other samples and batch_dim's promise does not hold. Call model.eval() "
-                "to use running statistics, replace BatchNorm with GroupNorm or LayerNorm, or "
-                "pass batch_dim=None (exact with batch statistics)."
-            )
-        # torch.nn.functional.batch_norm(input, running_mean, running_var, ...) and
-        # torch.batch_norm(input, weight, bias, running_mean, running_var, ...) update the running
-        # statistics inside the kernel, where neither the tape nor torch.func sees the write
-        positions = (1, 2) if func is torch.nn.functional.batch_norm else (3, 4)
-        names = ("running_mean", "running_var")
-        stats = [
-            kwargs.get(n, args[p] if len(args) > p else None)
-            for n, p in zip(names, positions, strict=True)
-        ]
-        if any(isinstance(s, Tensor) for s in stats):
-            raise captured_write_error(
-                self.caller, "batch_norm in training mode updates its running statistics"
-            )

@@ -17,7 +17,8 @@ import torch
 
 from torchgram._assemble import gramian_of_factors, weighted_gradients
 from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
-from torchgram._rules import use_factors
+from torchgram._ops import use_factors
+from torchgram._ops.generic import NoGenericRule
 from torchgram._shapes import generalize
 from torchgram._uses import Use
 
@@ -40,6 +41,7 @@ class Linearised:
         random: Whether fn drew random numbers in the run.
         statistics: Running statistics the run updated, with their values before it (to put
             back if the call then fails).
+        caller: How to name the public call in error messages.
     """
 
     out: Tensor
@@ -52,6 +54,7 @@ class Linearised:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     random: bool = False
     statistics: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
+    caller: str = "gramian"
 
     @functools.cached_property
     def contributions(self) -> list[tuple[int, Factor]]:
@@ -59,7 +62,10 @@ class Linearised:
         contributions = []
         for use in self.uses:
             cotangents = self.cotangents[use.first_tap : use.first_tap + len(use.tapped)]
-            contributions.extend(use_factors(use, self.records, cotangents))
+            try:
+                contributions.extend(use_factors(use, self.records, cotangents))
+            except NoGenericRule as missing:
+                raise missing.error(self.caller) from None
         return contributions
 
     def forget_factors(self) -> None:

@@ -141,7 +141,7 @@ def linearise_vmapped(
     cotangents = pull_rows(reverse, tape, per_sample_shape, probed) if taps else []
     return Linearised(
         out, box.unpack(aux), tape.uses, list(records), cotangents, inputs.params, b,
-        options.chunk_bytes, random=tape.random,
+        options.chunk_bytes, random=tape.random, caller=options.caller,
     )  # fmt: skip
 
 
@@ -172,6 +172,7 @@ def linearise_looped(
     return Linearised(
         torch.cat([run.out for run in runs], dim=b), aux, first.uses, records, cotangents,
         inputs.params, b, options.chunk_bytes, random=any(run.random for run in runs),
+        caller=options.caller,
     )  # fmt: skip
 
 
@@ -229,6 +230,7 @@ def linearise_batched(
         b,
         options.chunk_bytes,
         random=tape.random,
+        caller=options.caller,
     )
 
 

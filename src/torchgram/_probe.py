@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.func import vjp
 
-from torchgram._guards import captured_write_error, restore
+from torchgram._guards import restore
 from torchgram._internals import (
     FUNCTION_WITHOUT_SETUP_CONTEXT,
     MUTATES_CAPTURED,
@@ -23,6 +23,7 @@ from torchgram._internals import (
     REQUIRES_GRAD_INSIDE,
 )
 from torchgram._memo import Probed
+from torchgram._ops.norm import captured_write_error
 from torchgram._pytree import Inputs
 from torchgram._tape import Tape
 from torchgram._uses import TapeMismatch, differentiable

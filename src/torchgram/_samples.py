@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from torchgram._guards import DROPOUTS
 from torchgram._internals import beneath_transforms
 from torchgram._linearised import Options
+from torchgram._ops.random import DROPOUTS
 from torchgram._probe import split_output
 from torchgram._pytree import Inputs
 

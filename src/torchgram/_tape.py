@@ -30,17 +30,19 @@ import torch
 from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
 
-from torchgram._guards import Guard, NeedsTransform, attention
+from torchgram._guards import Guard, NeedsTransform
 from torchgram._internals import (
     active_modes,
     dispatches,
     edge,
     in_custom_function,
     level,
-    math_attention,
     without_dispatch,
 )
-from torchgram._rnn import RNN_OPS, run_recurrent
+from torchgram._ops import elementwise, norm
+from torchgram._ops.attention import is_attention, math_kernel
+from torchgram._ops.recurrent import RNN_OPS, run_recurrent
+from torchgram._ops.registered import rule_for
 from torchgram._uses import (
     DataRef,
     ParamView,
@@ -77,14 +79,7 @@ _CASTS = frozenset(
 # shifts and biases broadcast by elementwise ops): the taps go on the parameter arguments, so the
 # pull-back yields their per-sample gradients directly and the output cotangent is never kept
 # (except in a run on the whole batch, where such a tap would give the sum over samples).
-PARAMETER_TAPPED = frozenset(
-    {
-        "layer_norm", "group_norm", "rms_norm",
-        "mul", "__mul__", "__rmul__", "multiply", "add", "__add__", "__radd__", "sub", "__sub__",
-        "subtract", "__rsub__", "rsub", "div", "__truediv__", "__rdiv__", "true_divide",
-        "divide",
-    }
-)  # fmt: skip
+PARAMETER_TAPPED = norm.TAPPED_ON_PARAMS | elementwise.TAPPED_ON_PARAMS
 
 
 # Arguments that optree keeps as leaves: an op given only these (and tensors) positionally has
@@ -236,8 +231,8 @@ class Tape(TorchFunctionMode):
         kwargs = kwargs or {}
         name = op_name(func)
         self.guard.before(func, name, args, kwargs)
-        if self.math_attention and attention(name):
-            with math_attention():
+        if self.math_attention and is_attention(name):
+            with math_kernel():
                 return self.guard.after(name, args, self._dispatch(func, name, args, kwargs))
         return self.guard.after(name, args, self._dispatch(func, name, args, kwargs))
 
@@ -275,7 +270,7 @@ class Tape(TorchFunctionMode):
             return self._record(func, leaves, spec, slots, out)
         if name in PARAMETER_TAPPED and not self.on_outputs:  # before stepping inside
             return self._record_on_params(func, leaves, spec, slots)
-        if dispatches(func):
+        if dispatches(func) and rule_for(func) is None:  # step inside, unless a rule takes it whole
             with self:
                 return without_dispatch(func)(*args, **kwargs)
         out = self._call(func, name, args, kwargs)

@@ -1,5 +1,5 @@
 """The data model of a run: the uses of parameters that the tape records (``torchgram._tape``)
-and the rules read (``torchgram._rules``), without the tape itself.
+and the rules read (``torchgram._ops``), without the tape itself.
 
 A ``Use`` is one call of a torch function that consumed parameters: its arguments with a
 ``ParamView`` in each parameter slot (which elements of which leaf) and a ``DataRef``

@@ -112,6 +112,7 @@ def linearise_whole(
         options.chunk_bytes,
         random=tape.random,
         statistics=tape.guard.statistics,
+        caller=options.caller,
     )
     return linearised, probed
 

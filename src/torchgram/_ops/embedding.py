@@ -1,4 +1,5 @@
-"""Embedding tables: a linear map from one-hot tokens, without ever building the one-hot vectors.
+"""``embedding``: its rule and its factor, a linear map from one-hot tokens that never builds the
+one-hot vectors.
 
 Sample i looks up the rows ``tokens[i, t]`` of a ``[V, d]`` table, so its gradient adds the output
 cotangent ``D[k, i, t]`` into row ``tokens[i, t]`` (cotangents at the padding index are zeroed:
@@ -10,6 +11,7 @@ that row gets no gradient). Two forms of the Gramian:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +25,39 @@ from torchgram._factors import (
     dense_gramian,
     ghost_from_similarity,
 )
+from torchgram._ops.common import Contribution, Rule
+from torchgram._uses import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
+
+
+def embedding_rule(
+    use: Use, records: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Contribution] | None:
+    """``torch.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)``.
+
+    ``F.embedding(indices, weight, ...)`` is stepped into by the tape and records this builtin,
+    whose first argument is the table. Rows at ``padding_idx`` get no gradient; with
+    ``scale_grad_by_freq`` the generic rule takes over.
+    """
+    args, kwargs = use.arguments()
+    if kwargs or len(args) < 2:
+        return None
+    weight, indices = args[0], args[1]
+    padding_idx = args[2] if len(args) > 2 else -1
+    scale_grad_by_freq = bool(args[3]) if len(args) > 3 else False
+    if not (isinstance(weight, ParamView) and isinstance(indices, DataRef)) or scale_grad_by_freq:
+        return None
+    if weight.tensor.dim() != 2:
+        return None
+    (cotangent,) = cotangents
+    K, B = cotangent.shape[:2]
+    rows, width = weight.tensor.shape
+    tokens = records[indices.record].reshape(B, -1)
+    D = cotangent.reshape(K, B, -1, width)
+    if padding_idx is not None and padding_idx >= 0:
+        D = D * (tokens != padding_idx).unsqueeze(-1).to(D.dtype)
+    return [(weight.leaf, Embedding(weight.index, tokens, D, rows))]
 
 
 @dataclass(frozen=True)
@@ -92,3 +125,6 @@ class Embedding:
             return ghost_from_similarity(similarity, self.D, chunk_bytes)
         g, _ = self._compact()
         return dense_gramian(g)
+
+
+RULES: dict[str, Rule] = {"embedding": embedding_rule}

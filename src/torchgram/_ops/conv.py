@@ -3,7 +3,7 @@
 Zero padding given to the op (numbers, ``'same'``, ``'valid'``) goes to the factor, whose kernels
 pad as the op did (uneven ``'same'`` padding is applied to the recorded input here); other padding
 modes reach the op already padded (``F.pad`` runs before it). So every stride, dilation and group
-count is one ``torchgram._factors_conv.Conv`` factor.
+count is one ``torchgram._ops.conv_factor.Conv`` factor.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from torchgram._factors import Dense
-from torchgram._factors_conv import Conv
-from torchgram._rules.common import Contribution, Rule, argument, data_and_params
+from torchgram._ops.common import Contribution, Rule, argument, data_and_params
+from torchgram._ops.conv_factor import Conv
 from torchgram._uses import ParamView, Use
 
 Tensor = torch.Tensor

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from torchgram._factors import Dense, Factor, Linear, TokenSum, use_ghost
-from torchgram._rules.common import (
+from torchgram._ops.common import (
     Contribution,
     Rule,
     argument,

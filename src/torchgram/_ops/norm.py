@@ -1,4 +1,11 @@
-"""Norms: ``layer_norm`` tapped on its output (the batched run) and ``batch_norm`` in eval mode,
+"""Norms: everything torchgram does with them.
+
+- Taps: ``layer_norm``, ``group_norm`` and ``rms_norm`` are tapped on their affine parameters
+  where fn runs per sample (``TAPPED_ON_PARAMS``); their cotangents are the per-sample gradients.
+- Guards: ``batch_norm`` in training mode mixes samples, and with running statistics updates
+  them inside its kernel; ``instance_norm`` with running statistics too. Both are refused where
+  they cannot be followed, and the statistics are saved to be put back after a failed call.
+- Rules: ``layer_norm`` tapped on its output (the batched run) and ``batch_norm`` in eval mode,
 their affine parameters' per-sample gradients in closed form, ``sum c * x_hat`` and ``sum c``;
 and ``instance_norm`` with running statistics, replayed without them.
 
@@ -11,17 +18,107 @@ respect to the weight, whose derivatives torch 2.13 gets wrong (the Gramian's gr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import optree
 import torch
 
 from torchgram._factors import Dense
-from torchgram._rules.common import Contribution, Rule, argument, data_and_params
-from torchgram._rules.generic import generic_factors
+from torchgram._ops.common import Contribution, Rule, argument, data_and_params
+from torchgram._ops.generic import generic_factors
 from torchgram._uses import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
+
+# Norms tapped on their affine parameters (small next to the output) where fn runs per sample.
+TAPPED_ON_PARAMS = frozenset({"layer_norm", "group_norm", "rms_norm"})
+
+# Norms whose affine weight torch 2.13's vmap gets wrong in a pull-back that is differentiated
+# again (vmap over the rows of the vjp with respect to the weight): where the Gramian is
+# differentiated under torch.func, the rows are pulled back one at a time (torchgram._run).
+WEIGHTED_NORMS = frozenset(
+    {
+        "layer_norm", "native_layer_norm", "batch_norm", "native_batch_norm", "instance_norm",
+        "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    }
+)  # fmt: skip
+
+
+class CrossSampleOpError(ValueError):
+    """fn called an op that mixes the samples of a batch while ``batch_dim`` was set."""
+
+
+def captured_write_error(caller: str, detail: str) -> ValueError:
+    """The error for fn writing into a tensor it did not create (``detail``: what did)."""
+    return ValueError(
+        f"{caller}: fn changes in place a tensor it did not create ({detail}). "
+        "torch.func transforms, which the Gramian is computed with, refuse that. The usual "
+        "cause is BatchNorm in training mode updating its running statistics: call "
+        "model.eval() to use them, or torch.func.replace_all_batch_norm_modules_(model) "
+        "(or track_running_stats=False) to normalise with batch statistics without "
+        "updating any (then with batch_dim=None, as batch statistics mix samples)."
+    )
+
+
+def instance_norm_statistics(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: dict, caller: str, per_sample: bool
+) -> list[tuple[Tensor, Tensor]]:
+    """The running statistics this instance_norm call updates, each with its value before the
+    call (to be put back if the call fails). With them and the input's own statistics the kernel
+    updates them with a mean over the batch: refused with ``batch_dim`` (vmap cannot follow the
+    write, and a run per sample would make one update per sample), before it runs."""
+    functional = func is torch.nn.functional.instance_norm
+    names = ("running_mean", "running_var", "use_input_stats")
+    positions = (1, 2, 5) if functional else (3, 4, 5)
+    mean, var, own = (
+        kwargs.get(n, args[p] if len(args) > p else None)
+        for n, p in zip(names, positions, strict=True)
+    )
+    updates = (own is None or bool(own)) and (isinstance(mean, Tensor) or isinstance(var, Tensor))
+    if updates and per_sample:
+        raise CrossSampleOpError(
+            f"{caller}: fn calls instance_norm with running statistics in training "
+            "mode, which updates them with a mean over the batch inside the kernel, so "
+            "batch_dim cannot separate the samples of that update. Call model.eval() to "
+            "use the running statistics without updating them, build the norm with "
+            "track_running_stats=False, or pass batch_dim=None (exact, and the statistics "
+            "are updated once per call)."
+        )
+    if not updates:
+        return []
+    return [(t, t.detach().clone()) for t in (mean, var) if isinstance(t, Tensor)]
+
+
+def check_batch_norm(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: dict, caller: str, per_sample: bool
+) -> None:
+    """Refuse batch_norm in training mode where it mixes samples (``batch_dim``) or updates
+    running statistics inside its kernel, where neither the tape nor torch.func sees the write."""
+    training = kwargs.get("training", args[5] if len(args) > 5 else False)
+    if not training:
+        return
+    if per_sample:
+        raise CrossSampleOpError(
+            f"{caller}: fn calls batch_norm in training mode, which normalises each "
+            "sample with statistics of the whole batch, so a sample's output depends on "
+            "the other samples and batch_dim's promise does not hold. Call model.eval() "
+            "to use running statistics, replace BatchNorm with GroupNorm or LayerNorm, or "
+            "pass batch_dim=None (exact with batch statistics)."
+        )
+    # torch.nn.functional.batch_norm(input, running_mean, running_var, ...) and
+    # torch.batch_norm(input, weight, bias, running_mean, running_var, ...) update the running
+    # statistics inside the kernel, where neither the tape nor torch.func sees the write
+    positions = (1, 2) if func is torch.nn.functional.batch_norm else (3, 4)
+    names = ("running_mean", "running_var")
+    stats = [
+        kwargs.get(n, args[p] if len(args) > p else None)
+        for n, p in zip(names, positions, strict=True)
+    ]
+    if any(isinstance(s, Tensor) for s in stats):
+        raise captured_write_error(
+            caller, "batch_norm in training mode updates its running statistics"
+        )
 
 
 def layer_norm_rule(
