@@ -3,7 +3,10 @@
 Each sample's loss is an objective of its own. SGD follows the gradient of their mean, which can
 raise the loss of some samples of the batch; UPGrad combines the per-sample gradients into a
 direction that conflicts with none of them (to first order, no sample's loss goes up). Both
-methods start from the same initialisation and use the same learning rate and batches.
+methods start from the same initialisation and use the same learning rate and batches. UPGrad's
+weights sum to more than 1 where gradients conflict (each is at least 1/B), so its direction is on
+another scale than the mean gradient and one learning rate does not mean equal steps: see
+"Choosing the learning rate" in docs/getting-started.md.
 
 Run: python examples/instance_wise_upgrad.py
 """
@@ -55,16 +58,24 @@ def main(
     losses = {name: per_sample_losses(m) for name, m in models.items()}
     jd_step = torchgram.jd_grad(losses["upgrad"], weightings.upgrad, batch_dim=0)
 
-    # Along the UPGrad direction d = Jᵀw, the loss of sample i changes at rate (J d)_i = (G w)_i:
-    # >= 0, up to the slack -reg_eps * trace(G) * w_i that upgrad's regularisation allows.
+    # Along the UPGrad direction d = Jᵀw, sample i's loss falls at rate (J d)_i = (G w)_i (the
+    # step is -lr * d). upgrad guarantees (J d)_i >= -reg_eps * trace(G) * w_i: its regularisation
+    # is the only slack, and 1e-5 more allows for float32 rounding in the jvp.
     params, xb, yb = detached(models["upgrad"]), x[:batch_size], y[:batch_size]
     direction = jd_step(params, xb, yb)
     _, slopes = jvp(lambda p: losses["upgrad"](p, xb, yb), (params,), (direction,))
     G = torchgram.gramian(losses["upgrad"], params, xb, yb, batch_dim=0)
-    slack = -1e-4 * G.trace() * weightings.upgrad(G)
+    reg_eps = 1e-4  # upgrad's default
+    slack = -reg_eps * G.trace() * weightings.upgrad(G)
+    lowest = int(slopes.argmin())
     print(
-        f"first UPGrad step: (J d)_i >= {float(slopes.min()):.3g} over the batch; conflict-free up "
-        f"to upgrad's slack: {bool((slopes >= slack - 1e-5).all())}"
+        f"first UPGrad step: sample i's loss falls at rate (J d)_i along the direction d; over "
+        f"the\nbatch of {len(xb)} the rates run from {float(slopes.min()):.4g} to "
+        f"{float(slopes.max()):.4g}. Negative rates are the slack that upgrad's\n"
+        f"regularisation allows, (J d)_i >= -reg_eps·trace(G)·w_i: {float(slack[lowest]):.4g} "
+        f"for the sample at {float(slopes[lowest]):.4g}.\n"
+        f"Every sample within that bound (non-conflicting up to the regularisation): "
+        f"{bool((slopes >= slack - 1e-5).all())}"
     )
 
     with torch.no_grad():

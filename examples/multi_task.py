@@ -91,11 +91,19 @@ def main(
     trunk, heads = split(jd_model)
     direction = trunk_step(trunk, heads, x, y)
     _, slopes = jvp(lambda t: losses(t, heads, x, y), (trunk,), (direction,))
-    print(f"first trunk step: rate of change of each task loss {slopes.tolist()}")
+    print(
+        f"first trunk step: task k's loss falls at rate (J d)_k along the trunk's direction d:\n"
+        f"  {', '.join(f'{v:.4g}' for v in slopes.tolist())}; all positive (the step lowers "
+        f"every task's loss, to first order): {bool((slopes > 0).all())}\n"
+    )
 
     optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in (jd_model, mean_model)]
     with torch.no_grad():
         initial = losses(*split(jd_model), x, y)
+    tasks = " ".join(f"{f'task {k + 1}':>7}" for k in range(n_tasks))
+    print(f"{'task losses':<11}  {'UPGrad on the trunk':<{len(tasks)}}   SGD on the mean")
+    print(f"{'epoch':<11}  {tasks}   {tasks}")
+    print(f"{'initial':<11}  {_row(initial)}   {_row(initial)}")
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         for batch in torch.randperm(n_samples, generator=generator).split(batch_size):
@@ -110,19 +118,21 @@ def main(
             with torch.no_grad():
                 jd, averaged = (losses(*split(m), x, y) for m in (jd_model, mean_model))
             print(
-                f"epoch {epoch:3d}/{epochs}  task losses: UPGrad {_fmt(jd)}  "
-                f"mean {_fmt(averaged)}  ({time.perf_counter() - start:.1f}s)"
+                f"{f'{epoch:3d}/{epochs}':<11}  {_row(jd)}   {_row(averaged)}  "
+                f"({time.perf_counter() - start:.1f}s)"
             )
     with torch.no_grad():
         final = {"upgrad": losses(*split(jd_model), x, y), "mean": losses(*split(mean_model), x, y)}
-    print(f"initial task losses {_fmt(initial)}")
-    for name, value in final.items():
-        print(f"{name:>6}: task losses {_fmt(value)}, worst task {value.max():.4f}")
+    print(
+        f"worst task at the end: UPGrad {final['upgrad'].max():.4f}, "
+        f"SGD on the mean {final['mean'].max():.4f}"
+    )
     return {"initial": initial, "final": final, "first_slopes": slopes}
 
 
-def _fmt(values: torch.Tensor) -> str:
-    return "[" + ", ".join(f"{v:.4f}" for v in values.tolist()) + "]"
+def _row(values: torch.Tensor) -> str:
+    """One loss per task, in columns as wide as the ``task k`` headers."""
+    return " ".join(f"{v:7.4f}" for v in values.tolist())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 import torchgram
+from torchgram import weightings
 
 
 def _table(matrix: torch.Tensor) -> str:
@@ -19,6 +20,9 @@ def _table(matrix: torch.Tensor) -> str:
 def main() -> torch.Tensor:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    # Detached: G is the same (every leaf of params is a variable either way) and a plain tensor.
+    # Leaves that require grad would make G carry an autograd graph back to them, which only
+    # differentiating G itself needs, at a cost in memory and time.
     params = {name: p.detach() for name, p in model.named_parameters()}
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
 
@@ -40,6 +44,15 @@ def main() -> torch.Tensor:
     print(
         f"\n{conflicts} of {6 * 5 // 2} pairs of samples have conflicting gradients (cosine < 0)."
     )
+    # Each UPGrad weight is at least the mean loss's 1/B, and more where gradients conflict, so
+    # Jᵀw is on another scale than the mean gradient and a learning rate tuned for SGD on the mean
+    # loss does not carry over: see "Choosing the learning rate" in docs/getting-started.md.
+    w = weightings.upgrad(G)
+    print(
+        f"\nUPGrad weights, one per sample (the mean loss's are 1/6 each, summing to 1); these sum "
+        f"to {w.sum():.3f}:"
+    )
+    print(_table(w[None]))
     return G
 
 
