@@ -155,7 +155,7 @@ MUTANTS = [
     ),
     Mutant(
         "assembly: a transposed use of a region not transposed", "_assemble.py",
-        "_group_by_region", "group.append(factor.transposed(positions(index, shape)))",
+        "group_by_region", "group.append(factor.transposed(positions(index, shape)))",
         "group.append(factor)", (*LINEAR, "tests/test_tape.py"),
     ),
     # the sample check

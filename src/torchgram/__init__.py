@@ -8,6 +8,7 @@ Gramian into the weights of Jacobian descent.
 from importlib.metadata import PackageNotFoundError, version
 
 from torchgram import rules, weightings
+from torchgram._cross import cross_gramian, cross_gramian_of
 from torchgram._grads import set_grad
 from torchgram._shapes import flatten
 from torchgram._transform import gramian, gramian_of, jd_grad, vjp_and_gramian
@@ -19,6 +20,8 @@ except PackageNotFoundError:  # pragma: no cover - run from a source tree withou
 
 __all__ = [
     "__version__",
+    "cross_gramian",
+    "cross_gramian_of",
     "flatten",
     "gramian",
     "gramian_of",

@@ -177,42 +177,42 @@ def _with_bias(
 
 
 def _leaf_gramian(factors: list[Factor], shape: torch.Size, chunk_bytes: int) -> Tensor:
-    regions = _group_by_region(factors, shape)
+    regions = group_by_region(factors, shape)
     if len(regions) == 1 and regions[0][0] is None:
-        return _region_sum(regions[0][1], shape).gramian(chunk_bytes)
+        return region_sum(regions[0][1], shape).gramian(chunk_bytes)
     numel = shape.numel()
     indices = [positions(index, shape) for index, _ in regions]
     counts = torch.bincount(torch.cat([index.reshape(-1) for index in indices]), minlength=numel)
     summed = [
-        _region_sum(group, index.shape) for (_, group), index in zip(regions, indices, strict=True)
+        region_sum(group, index.shape) for (_, group), index in zip(regions, indices, strict=True)
     ]
     if int(counts.max()) <= 1:  # regions are disjoint and none repeats an element
         return torch.stack([factor.gramian(chunk_bytes) for factor in summed]).sum(0)
     flat = [
-        _scatter(factor.materialise(chunk_bytes), index, numel)
+        scatter(factor.materialise(chunk_bytes), index, numel)
         for factor, index in zip(summed, indices, strict=False)
     ]
     return dense_gramian(sum(flat[1:], flat[0]))
 
 
-def _same(a: Tensor | None, b: Tensor | None, shape: torch.Size) -> bool:
+def same_region(a: Tensor | None, b: Tensor | None, shape: torch.Size) -> bool:
     if a is None and b is None:
         return True
     a, b = positions(a, shape), positions(b, shape)
     return a.shape == b.shape and torch.equal(a, b)
 
 
-def _group_by_region(
+def group_by_region(
     factors: list[Factor], shape: torch.Size
 ) -> list[tuple[Tensor | None, list[Factor]]]:
     regions: list[tuple[Tensor | None, list[Factor]]] = []
     for factor in factors:
         for index, group in regions:
-            if _same(factor.index, index, shape):
+            if same_region(factor.index, index, shape):
                 group.append(factor)
                 break
             if factor.index is not None and factor.index.dim() == 2:
-                if _same(factor.index.T, index, shape):
+                if same_region(factor.index.T, index, shape):
                     group.append(factor.transposed(positions(index, shape)))
                     break
         else:
@@ -220,7 +220,7 @@ def _group_by_region(
     return regions
 
 
-def _region_sum(group: list[Factor], shape: torch.Size) -> Factor:
+def region_sum(group: list[Factor], shape: torch.Size) -> Factor:
     """One factor whose gradients are the sum of the group's (all on one region of ``shape``)."""
     if len(group) == 1:
         return group[0]
@@ -244,7 +244,7 @@ def _as_linear(factor: Factor) -> Linear | None:
     return factor if isinstance(factor, Linear) else None
 
 
-def _scatter(g: Tensor, index: Tensor, numel: int) -> Tensor:
+def scatter(g: Tensor, index: Tensor, numel: int) -> Tensor:
     """Per-row gradients on a region ``[K, B, *region]`` -> on the whole leaf ``[K, B, numel]``."""
     K, B = g.shape[:2]
     flat = g.reshape(K * B, -1)

@@ -190,7 +190,7 @@ def use_ghost(a_shape: torch.Size, d_shape: torch.Size) -> bool:
     return d_shape[2] == 1 or ghost_cost(a_shape, d_shape) <= materialised_cost(a_shape, d_shape)
 
 
-def _rows_per_chunk(bytes_per_row: int, chunk_bytes: int, rows: int) -> int:
+def rows_per_chunk(bytes_per_row: int, chunk_bytes: int, rows: int) -> int:
     return max(1, min(rows, chunk_bytes // max(bytes_per_row, 1)))
 
 
@@ -269,12 +269,47 @@ def ghost_from_similarity(
 
 
 def _ghost_block(similarity: Tensor, D_i: Tensor, D_j: Tensor) -> Tensor:
-    """``[K, b_i, K, b_j]`` block of a ghost Gramian."""
-    K, b_i, T, _ = D_i.shape
-    b_j = D_j.shape[1]
-    dd = D_i.reshape(K * b_i * T, -1) @ D_j.reshape(K * b_j * T, -1).T
-    products = dd.view(K, b_i, T, K, b_j, T) * similarity.view(1, b_i, T, 1, b_j, T)
+    """``[K_i, b_i, K_j, b_j]`` block of a ghost Gramian (of a cross-Gramian where the two sides
+    differ in rows or tokens)."""
+    K_i, b_i, T_i, _ = D_i.shape
+    K_j, b_j, T_j, _ = D_j.shape
+    dd = D_i.reshape(K_i * b_i * T_i, -1) @ D_j.reshape(K_j * b_j * T_j, -1).T
+    products = dd.view(K_i, b_i, T_i, K_j, b_j, T_j) * similarity.view(1, b_i, T_i, 1, b_j, T_j)
     return products.sum(dim=(2, 5))
+
+
+def cross_ghost(
+    similarity: Callable[[slice, slice], Tensor], D_a: Tensor, D_b: Tensor, chunk_bytes: int
+) -> Tensor:
+    """``G[(k,i),(l,j)] = sum_ts S[i,t,j,s] <D_a[k,i,t], D_b[l,j,s]>`` between two batches.
+
+    Args:
+        similarity: ``(samples i of a, samples j of b) -> S [b_i*T_a, b_j*T_b]``.
+        D_a: ``[K_a, B_a, T_a, d]``.
+        D_b: ``[K_b, B_b, T_b, d]``.
+        chunk_bytes: Largest block of products built at once.
+
+    Returns:
+        ``[K_a*B_a, K_b*B_b]``.
+    """
+    K_a, B_a, T_a, d = D_a.shape
+    K_b, B_b, T_b, _ = D_b.shape
+    if B_a == B_b == 1 and K_b * T_a * T_b * d + K_a * K_b * T_a * d < K_a * K_b * T_a * T_b * d:
+        S = similarity(slice(0, 1), slice(0, 1))  # one sample each: <D_a_k, S D_b_l>
+        dtype = torch.promote_types(S.dtype, D_b.dtype)
+        SD = torch.matmul(S.to(dtype), D_b[:, 0].to(dtype))  # [K_b, T_a, d]
+        return D_a.reshape(K_a, -1).to(dtype) @ SD.reshape(K_b, -1).T
+    per_pair = (2 * K_a * K_b * T_a * T_b) * D_a.element_size()
+    block = max(1, math.isqrt(max(chunk_bytes // max(per_pair, 1), 1)))
+    rows = []
+    for i in range(0, B_a, block):
+        si = slice(i, i + block)
+        row = [
+            _ghost_block(similarity(si, slice(j, j + block)), D_a[:, si], D_b[:, j : j + block])
+            for j in range(0, B_b, block)
+        ]
+        rows.append(torch.cat(row, dim=3))
+    return torch.cat(rows, dim=1).reshape(K_a * B_a, K_b * B_b)
 
 
 def materialised_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
@@ -285,16 +320,16 @@ def materialised_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_
     """
     K, B, _, d_out = D.shape
     per_row = K * B * A.shape[-1] * A.element_size()
-    step = _rows_per_chunk(per_row, chunk_bytes, d_out)
+    step = rows_per_chunk(per_row, chunk_bytes, d_out)
     G: Tensor | None = None
     for start in range(0, d_out, step):
-        part = dense_gramian(_per_sample_products(D[..., start : start + step], A))
+        part = dense_gramian(per_sample_products(D[..., start : start + step], A))
         G = part if G is None else G + part
     assert G is not None
     return G
 
 
-def _per_sample_products(D: Tensor, A: Tensor) -> Tensor:
+def per_sample_products(D: Tensor, A: Tensor) -> Tensor:
     """``einsum("kbte,btd->kbed", D, A)`` as one ``bmm`` over the samples (the K rows side by
     side): the same products without einsum's parsing, which costs more than them for a
     multi-task head (``[2, 1, 64, 1]`` cotangents: 46 against 72 us with the Gramian). For one

@@ -51,11 +51,21 @@ def generalize(flat: Tensor, shape: torch.Size, batch_dim: int | None) -> Tensor
         shape: The output shape ``S`` (the batch of size B at ``batch_dim``; ``B = 1`` when None).
         batch_dim: Where the samples lie in ``S``, or None.
     """
-    n = len(shape)
+    return generalize_cross(flat, shape, shape, batch_dim)
+
+
+def generalize_cross(
+    flat: Tensor, shape_a: torch.Size, shape_b: torch.Size, batch_dim: int | None
+) -> Tensor:
+    """Rows ``(k, i)`` of a ``[K*B_a, K*B_b]`` cross-Gramian -> the ``S_a + S_b[::-1]`` layout
+    of two outputs with as many dimensions, the batch at ``batch_dim`` in both)."""
+    n, m = len(shape_a), len(shape_b)
     if batch_dim is None:
-        return flat.reshape((*shape, *shape)).permute((*range(n), *reversed(range(n, 2 * n))))
-    per_sample = [size for d, size in enumerate(shape) if d != batch_dim]
-    grid = flat.reshape((*per_sample, shape[batch_dim], *per_sample, shape[batch_dim]))
+        grid = flat.reshape((*shape_a, *shape_b))
+        return grid.permute((*range(n), *reversed(range(n, n + m))))
+    per_a = [size for d, size in enumerate(shape_a) if d != batch_dim]
+    per_b = [size for d, size in enumerate(shape_b) if d != batch_dim]
+    grid = flat.reshape((*per_a, shape_a[batch_dim], *per_b, shape_b[batch_dim]))
     first = [*range(batch_dim), n - 1, *range(batch_dim, n - 1)]
     second = [n + d for d in first]
     return grid.permute((*first, *reversed(second)))
