@@ -109,6 +109,7 @@ class Options:
 
     ``chunk_bytes`` bounds the largest intermediate the rules build at once (blocks of ghost
     products, per-sample gradients, unfolded patches): the public ``max_chunk_bytes``.
+    ``group``: the ``torch.distributed`` group the samples are spread over, or None.
     """
 
     batch_dim: int | None
@@ -116,3 +117,4 @@ class Options:
     check_samples: bool
     caller: str
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    group: Any = None

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from torchgram._distributed import Sharded, check_group, shard
 from torchgram._factors import DEFAULT_CHUNK_BYTES
 from torchgram._guards import restore
 from torchgram._linearised import Linearised, Options
@@ -25,6 +26,7 @@ def _options(
     has_aux: Any,
     check_samples: Any,
     max_chunk_bytes: Any = DEFAULT_CHUNK_BYTES,
+    group: Any = None,
 ) -> Options:
     if not callable(fn):
         raise TypeError(f"{caller}: fn must be callable, got {type(fn).__name__}.")
@@ -44,7 +46,8 @@ def _options(
             f"{caller}: max_chunk_bytes must be a positive int (the largest intermediate, in "
             f"bytes, built at once), got {max_chunk_bytes!r}. Pass e.g. 2**26 (64 MiB)."
         )
-    return Options(batch_dim, has_aux, bool(check_samples), caller, max_chunk_bytes)
+    check_group(group, batch_dim, caller)
+    return Options(batch_dim, has_aux, bool(check_samples), caller, max_chunk_bytes, group)
 
 
 def _linearise(
@@ -61,8 +64,22 @@ def _linearise(
     """
     if options.batch_dim is None:  # samples are not separated: in_dims play no part
         in_dims = None
+
     inputs = split_inputs(args, argnums, in_dims, options.caller)
     return inputs, linearise(fn, inputs, options, probes)
+
+
+def _linearise_shards(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    argnums: tuple[int, ...],
+    in_dims: InDims,
+    options: Options,
+    probes: Probes | None = None,
+) -> tuple[Inputs, Linearised | Sharded]:
+    """``_linearise``, on this rank's shard of the batch when ``options.group`` is set."""
+    run = functools.partial(_linearise, fn, args, argnums, in_dims, options, probes)
+    return run() if options.group is None else shard(run, options)
 
 
 def gramian_of(
@@ -74,6 +91,7 @@ def gramian_of(
     has_aux: bool = False,
     check_samples: bool = True,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    group: Any = None,
 ) -> Callable[..., Any]:
     """Transform ``fn`` into a function that returns the Gramian of its Jacobian.
 
@@ -120,6 +138,11 @@ def gramian_of(
             once (blocks of ``[B, T, B, T]`` ghost products, per-sample gradients, unfolded
             convolution patches); larger work is split into chunks. Bounds peak memory, not
             the result. Default 24 MiB.
+        group: A ``torch.distributed`` process group over which the samples along
+            ``batch_dim`` are spread (each rank passes its own shard; shards may differ in
+            size), or None for one process. The result is then the Gramian of the global batch
+            (the shards joined in rank order), the same on every rank; every rank of the group
+            must make the same call. See the Scaling out page.
 
     Returns:
         A function with fn's positional arguments returning the Gramian (and aux).
@@ -137,7 +160,7 @@ def gramian_of(
         True
     """
     return _gramian_transform(
-        fn, argnums, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes, Probes()
+        fn, argnums, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes, Probes(), group
     )
 
 
@@ -150,16 +173,17 @@ def _gramian_transform(
     check_samples: bool,
     max_chunk_bytes: int,
     probes: Probes,
+    group: Any = None,
     name: str = "gramian_of",
 ) -> Callable[..., Any]:
     """``gramian_of``'s function, with its memory (``name``: the public function called)."""
     caller = f"{name}(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes, group)
     numbers = normalize_argnums(argnums, caller)
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        _, run = _linearise(fn, args, numbers, in_dims, options, probes)
+        _, run = _linearise_shards(fn, args, numbers, in_dims, options, probes)
         G = run.gramian(release=True)  # no vjp follows
         return (G, run.aux) if options.has_aux else G
 
@@ -175,6 +199,7 @@ def gramian(
     has_aux: bool = False,
     check_samples: bool = True,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    group: Any = None,
 ) -> Any:
     """The Gramian of the Jacobian of ``fn(params, *args)`` with respect to ``params``.
 
@@ -196,6 +221,7 @@ def gramian(
         check_samples: The first call's checks, as for [`gramian_of`][torchgram.gramian_of].
         max_chunk_bytes: The largest intermediate the rules build at once, as for
             [`gramian_of`][torchgram.gramian_of].
+        group: As for [`gramian_of`][torchgram.gramian_of].
 
     Returns:
         The generalized Gramian ``S + S[::-1]`` of the output of shape ``S`` (and aux).
@@ -211,7 +237,7 @@ def gramian(
     """
     transform = _gramian_transform(
         fn, 0, batch_dim, in_dims, has_aux, check_samples, max_chunk_bytes, remembered(fn),
-        "gramian",
+        group, "gramian",
     )  # fmt: skip
     return transform(params, *args)
 
@@ -225,6 +251,7 @@ def vjp_and_gramian(
     has_aux: bool = False,
     check_samples: bool = True,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    group: Any = None,
 ) -> Any:
     """fn's output, a vjp function and the Gramian, from one run of ``fn``.
 
@@ -243,6 +270,7 @@ def vjp_and_gramian(
         has_aux: As for [`gramian_of`][torchgram.gramian_of].
         check_samples: As for [`gramian_of`][torchgram.gramian_of].
         max_chunk_bytes: As for [`gramian_of`][torchgram.gramian_of].
+        group: As for [`gramian_of`][torchgram.gramian_of].
 
     Returns:
         ``(out, vjp_fn, G)``, and ``aux`` last with ``has_aux``.
@@ -258,8 +286,8 @@ def vjp_and_gramian(
         True
     """
     caller = f"vjp_and_gramian(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
-    inputs, run = _linearise(fn, (params, *args), (0,), in_dims, options, remembered(fn))
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes, group)
+    inputs, run = _linearise_shards(fn, (params, *args), (0,), in_dims, options, remembered(fn))
     out = run.out
 
     def vjp_fn(weights: Tensor) -> Any:
@@ -286,6 +314,7 @@ def jd_grad(
     has_aux: bool = False,
     check_samples: bool = True,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    group: Any = None,
 ) -> Callable[..., Any]:
     """Transform ``fn`` into a function that returns its Jacobian-descent direction.
 
@@ -305,6 +334,7 @@ def jd_grad(
         has_aux: As for [`gramian_of`][torchgram.gramian_of].
         check_samples: As for [`gramian_of`][torchgram.gramian_of].
         max_chunk_bytes: As for [`gramian_of`][torchgram.gramian_of].
+        group: As for [`gramian_of`][torchgram.gramian_of].
 
     Returns:
         A function with fn's positional arguments returning the direction (and aux).
@@ -318,7 +348,7 @@ def jd_grad(
         torch.Size([3])
     """
     caller = f"jd_grad(fn, batch_dim={batch_dim})"
-    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes)
+    options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes, group)
     numbers = normalize_argnums(argnums, caller)
     if not callable(weighting):
         raise TypeError(
@@ -329,7 +359,7 @@ def jd_grad(
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        inputs, run = _linearise(fn, args, numbers, in_dims, options, probes)
+        inputs, run = _linearise_shards(fn, args, numbers, in_dims, options, probes)
         try:
             weights = _checked_weights(weighting(run.gramian()), run.out, caller)
         except Exception:
