@@ -1,36 +1,19 @@
 """Degenerate Gramians: zero, rank 1, slightly indefinite, m = 1, m = 0, NaN or inf, float16.
 
-Every weighting of ``torchgram.weightings.__all__`` is checked, so a new one cannot be forgotten:
-one that needs options gets them in ``OPTIONS``. The expected values are those its docstring
-documents.
+Every weighting of ``torchgram.weightings.__all__`` is checked (``NAMES``, called with the options
+of ``test_weightings_properties``), so a new one cannot be forgotten. The expected values are those
+its docstring documents.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-
 import pytest
 import torch
+from test_weightings_properties import NAMES, NEEDS_THREE_ROWS, NOT_SCALE_INVARIANT, weights
 
 from torchgram import weightings as W
 
-NAMES = sorted(name for name in W.__all__ if inspect.isfunction(getattr(W, name)))
-OPTIONS: dict[str, Callable[[torch.Tensor], dict[str, object]]] = {
-    "constant": lambda G: {"weights": torch.arange(1.0, G.shape[0] + 1)},
-    "cr_mogm": lambda G: {"weighting": W.mgda},
-    "krum": lambda G: {"n_byzantine": 0},
-}
-NEEDS_THREE_ROWS = {"krum"}  # m >= n_byzantine + 3
 DTYPE = torch.float64
-
-
-def _weights(name: str, G: torch.Tensor) -> torch.Tensor:
-    """The weights of ``name`` for ``G``, with a fixed seed (and without the state, if any)."""
-    torch.manual_seed(0)
-    options = OPTIONS[name](G) if name in OPTIONS else {}
-    out = getattr(W, name)(G, **options)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _rank_one(u: list[float]) -> torch.Tensor:
@@ -78,9 +61,9 @@ def test_finite_weights_of_the_right_shape(name: str, case: str) -> None:
     G = CASES[case]
     if name in NEEDS_THREE_ROWS and G.shape[0] < 3:
         with pytest.raises(ValueError, match=rf"^{name}\(G\): expected at least"):
-            _weights(name, G)
+            weights(name, G)
         return
-    w = _weights(name, G)
+    w = weights(name, G)
     assert w.shape == G.shape[:1] and w.dtype == DTYPE and torch.isfinite(w).all()
 
 
@@ -143,7 +126,7 @@ EXPECTED: dict[str, dict[str, torch.Tensor]] = {
 )
 def test_documented_weights(case: str, name: str) -> None:
     expected = EXPECTED[case][name]
-    torch.testing.assert_close(_weights(name, CASES[case]), expected, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(weights(name, CASES[case]), expected, atol=1e-9, rtol=1e-7)
 
 
 def test_fairgrad_on_a_rank_one_gramian_for_another_alpha() -> None:
@@ -152,17 +135,23 @@ def test_fairgrad_on_a_rank_one_gramian_for_another_alpha() -> None:
     torch.testing.assert_close(W.fairgrad(torch.outer(u, u), alpha=alpha), (s * u) ** -alpha)
 
 
+# An absolute scale on G: the norm_eps thresholds, and the eps that gradvac adds to denominators.
+ABSOLUTE_THRESHOLD = {"upgrad", "dualproj", "cagrad", "gradvac"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["imtl_g", "aligned_mtl", "mgda", "pcgrad", "krum"])
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if n not in ABSOLUTE_THRESHOLD | NOT_SCALE_INVARIANT]
+)
 def test_extreme_scales(name: str, dtype: torch.dtype) -> None:
     # Invariant to scaling over 56 orders of magnitude: no absolute tolerance on G's values.
     G = PSD.to(dtype)
     for c in [1e-28, 1e-14, 1e14, 1e28]:
-        torch.testing.assert_close(_weights(name, c * G), _weights(name, G))
+        torch.testing.assert_close(weights(name, c * G), weights(name, G))
 
 
 def test_zero_gramian_gives_one_selected_row_for_krum() -> None:
-    w = _weights("krum", CASES["zero"])
+    w = weights("krum", CASES["zero"])
     assert sorted(w.tolist()) == [0.0, 0.0, 0.0, 0.0, 1.0]
 
 
@@ -170,7 +159,7 @@ def test_zero_gramian_gives_one_selected_row_for_krum() -> None:
 def test_rounding_level_indefiniteness_changes_little(name: str) -> None:
     # The weights of the indefinite Gramian are those of the positive semi-definite one it
     # rounds: every weighting is continuous there (no rank change, no tie).
-    torch.testing.assert_close(_weights(name, INDEFINITE), _weights(name, PSD), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weights(name, INDEFINITE), weights(name, PSD), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(0, 0), (0, 3, 3, 0)])
@@ -179,9 +168,9 @@ def test_empty_gramian_gives_empty_weights(name: str, shape: tuple[int, ...]) ->
     G = torch.zeros(shape, dtype=DTYPE)
     if name in NEEDS_THREE_ROWS:
         with pytest.raises(ValueError, match=rf"^{name}\(G\): expected at least .* got m=0"):
-            _weights(name, G)
+            weights(name, G)
         return
-    assert _weights(name, G).shape == shape[: len(shape) // 2]
+    assert weights(name, G).shape == shape[: len(shape) // 2]
 
 
 def _non_finite(value: float, where: str) -> torch.Tensor:
@@ -198,16 +187,16 @@ def _non_finite(value: float, where: str) -> torch.Tensor:
 @pytest.mark.parametrize("name", NAMES)
 def test_nan_or_inf_raises(name: str, value: float, where: str) -> None:
     with pytest.raises(ValueError, match=rf"^{name}\(G[^)]*\): G holds NaN or inf values"):
-        _weights(name, _non_finite(value, where))
+        weights(name, _non_finite(value, where))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_nan_under_vmap_gives_nan_weights(name: str) -> None:
     stack = torch.stack([torch.eye(4, dtype=DTYPE) + 0.5, _non_finite(torch.nan, "diagonal")])
     torch.manual_seed(0)
-    batched = torch.func.vmap(lambda G: _weights(name, G), randomness="same")(stack)
+    batched = torch.func.vmap(lambda G: weights(name, G), randomness="same")(stack)
     assert torch.isnan(batched[1]).all()
-    torch.testing.assert_close(batched[0], _weights(name, stack[0]))
+    torch.testing.assert_close(batched[0], weights(name, stack[0]))
 
 
 def _assert_close_relative_to_the_largest(
@@ -229,12 +218,12 @@ def test_half_precision_is_computed_in_float32(
 ) -> None:
     for seed in range(3):
         G = _well_conditioned(seed)
-        w = _weights(name, G.to(half))
+        w = weights(name, G.to(half))
         assert w.dtype == half
         # Exactly the float32 computation on the rounded Gramian, rounded once at the end.
-        assert torch.equal(w, _weights(name, G.to(half).float()).to(half))
+        assert torch.equal(w, weights(name, G.to(half).float()).to(half))
         # Close to the float32 weights: only the rounding of G (2^-11 or 2^-8) separates them.
-        _assert_close_relative_to_the_largest(w.float(), _weights(name, G), tolerance)
+        _assert_close_relative_to_the_largest(w.float(), weights(name, G), tolerance)
 
 
 # Accuracy of float32 relative to float64 on the Gramians below (condition numbers up to 1e4), about
@@ -258,5 +247,14 @@ def test_float32_agrees_with_float64(name: str) -> None:
         J = J * torch.logspace(-0.75, 0.75, 10, dtype=DTYPE).unsqueeze(1)  # rows scaled 1 to 30
         G = J @ J.T
         _assert_close_relative_to_the_largest(
-            _weights(name, G.float()).double(), _weights(name, G), tolerance
+            weights(name, G.float()).double(), weights(name, G), tolerance
         )
+
+
+def test_the_tables_name_weightings() -> None:
+    listed = {
+        *ABSOLUTE_THRESHOLD,
+        *FLOAT32_ACCURACY,
+        *(n for table in EXPECTED.values() for n in table),
+    }
+    assert listed <= set(NAMES)

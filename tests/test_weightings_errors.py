@@ -1,35 +1,38 @@
-"""Bad inputs to the weightings raise errors that say what went wrong and how to fix it."""
+"""Bad inputs to the weightings raise errors that say what went wrong and how to fix it.
+
+The checks of ``G`` are run for every weighting of ``torchgram.weightings.__all__``.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_weightings_properties import NAMES, PREFERENCE, needed_options, weights
 
 from torchgram import weightings as W
-
-NAMES = ["upgrad", "dualproj", "mgda", "cagrad", "imtl_g", "aligned_mtl", "pcgrad", "fairgrad",
-         "nash_mtl", "mean", "sum", "random"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape", [(3,), (2, 3), (2, 3, 2), (2, 3, 2, 3)])
 def test_gramian_of_the_wrong_shape(name: str, shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=rf"^{name}\(G.*\): expected a Gramian of shape S \+ S"):
-        getattr(W, name)(torch.ones(shape))
+        weights(name, torch.ones(shape))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_non_floating_gramian(name: str) -> None:
     with pytest.raises(TypeError, match=rf"^{name}\(G.*\): expected a floating-point Gramian"):
-        getattr(W, name)(torch.eye(3, dtype=torch.int64))
+        weights(name, torch.eye(3, dtype=torch.int64))
 
 
-def test_not_a_tensor() -> None:
-    with pytest.raises(TypeError, match=r"^upgrad\(G\): expected G to be a torch.Tensor, got list"):
-        W.upgrad([[1.0]])  # type: ignore[arg-type]
+@pytest.mark.parametrize("name", NAMES)
+def test_not_a_tensor(name: str) -> None:
+    message = rf"^{name}\(G.*\): expected G to be a torch.Tensor, got list"
+    with pytest.raises(TypeError, match=message):
+        getattr(W, name)([[1.0]], **needed_options(name, 1))
 
 
-@pytest.mark.parametrize("name", ["upgrad", "dualproj", "aligned_mtl"])
+@pytest.mark.parametrize("name", PREFERENCE)
 def test_preference_of_the_wrong_shape(name: str) -> None:
     with pytest.raises(ValueError, match=r"expected pref of shape \[3\] .* got shape \[2\]"):
         getattr(W, name)(torch.eye(3), pref=torch.ones(2))

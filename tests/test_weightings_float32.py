@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from test_weightings_properties import NAMES, weights
 
 from torchgram import weightings as W
 
@@ -84,13 +85,12 @@ def test_float32_agrees_with_float64(name: str) -> None:
         torch.testing.assert_close(single.double(), double, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "imtl_g", "nash_mtl"])
+@pytest.mark.parametrize("name", NAMES)
 def test_float32_generalized_gramian_agrees_with_float64(name: str) -> None:
     """A ``[B, K, K, B]`` Gramian in float32: the weights ``[B, K]`` of its flattening."""
     J = torch.randn(5, 2, 14, generator=torch.Generator().manual_seed(0), dtype=D)
     G = torch.einsum("ikp,jlp->iklj", J, J)
-    weighting = getattr(W, name)
-    single, double = weighting(G.float()), weighting(G)
+    single, double = weights(name, G.float()), weights(name, G)
     assert single.shape == (5, 2) and single.dtype == torch.float32
     atol = 3e-5 * double.abs().max().item()
     torch.testing.assert_close(single.double(), double, atol=atol, rtol=0)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _check_vector, _to_matrix, _uniform
+from ._shapes import _uniform, _weighting
 from ._spectral import _kept_eigenvalues
 
 _SCALE_MODES = ("min", "median", "rmse")
@@ -37,6 +37,7 @@ def _balance_matrix(G: Tensor, scale_mode: str) -> Tensor:
     return torch.where(keep.any(), B, identity)
 
 
+@_weighting("aligned_mtl(G)", per_row=("pref",))
 def aligned_mtl(
     G: Tensor,
     *,
@@ -79,14 +80,12 @@ def aligned_mtl(
         >>> aligned_mtl(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))
         tensor([0.2500, 0.5000])
     """
-    call = "aligned_mtl(G)"
-    M, shape = _to_matrix(G, call)
     if scale_mode not in _SCALE_MODES:
         raise ValueError(
-            f"{call}: expected scale_mode in {_SCALE_MODES}, got {scale_mode!r}. "
+            f"aligned_mtl(G): expected scale_mode in {_SCALE_MODES}, got {scale_mode!r}. "
             "Use 'min' (the default)."
         )
-    u = _uniform(M) if pref is None else _check_vector(pref, shape, M, call, "pref")
-    if M.shape[0] == 0:  # no rows: no eigenvalue to scale by
-        return _as_weights(u, G)
-    return _as_weights(_balance_matrix(M, scale_mode) @ u, G)
+    u = _uniform(G) if pref is None else pref
+    if G.shape[0] == 0:  # no rows: no eigenvalue to scale by
+        return u
+    return _balance_matrix(G, scale_mode) @ u

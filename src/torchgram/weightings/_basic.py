@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _check_vector, _to_matrix, _uniform
+from ._shapes import _uniform, _weighting
 
 
+@_weighting("mean(G)")
 def mean(G: Tensor) -> Tensor:
     """Uniform weights ``1/m``: the update is the average of the rows of the Jacobian.
 
@@ -25,10 +26,10 @@ def mean(G: Tensor) -> Tensor:
         >>> mean(torch.eye(4))
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
     """
-    M, _ = _to_matrix(G, "mean(G)")
-    return _as_weights(_uniform(M), G)
+    return _uniform(G)
 
 
+@_weighting("sum(G)")
 def sum(G: Tensor) -> Tensor:
     """All-ones weights: the update is the sum of the rows of the Jacobian.
 
@@ -45,10 +46,10 @@ def sum(G: Tensor) -> Tensor:
         >>> weightings.sum(torch.eye(3))
         tensor([1., 1., 1.])
     """
-    M, _ = _to_matrix(G, "sum(G)")
-    return _as_weights(torch.ones(M.shape[0], dtype=M.dtype, device=M.device), G)
+    return torch.ones(G.shape[0], dtype=G.dtype, device=G.device)
 
 
+@_weighting("constant(G, weights)", per_row=("weights",))
 def constant(G: Tensor, *, weights: Tensor) -> Tensor:
     """Fixed weights, whatever the Gramian.
 
@@ -69,11 +70,10 @@ def constant(G: Tensor, *, weights: Tensor) -> Tensor:
         >>> constant(torch.eye(2), weights=torch.tensor([1.0, 3.0]))
         tensor([1., 3.])
     """
-    M, shape = _to_matrix(G, "constant(G, weights)")
-    w = _check_vector(weights, shape, M, "constant(G, weights)", "weights")
-    return _as_weights(w, G)
+    return weights
 
 
+@_weighting("random(G)")
 def random(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     """Random positive weights summing to 1: the softmax of a standard normal vector.
 
@@ -97,6 +97,5 @@ def random(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         >>> w.shape, bool(w.sum().isclose(torch.tensor(1.0)))
         (torch.Size([3]), True)
     """
-    M, _ = _to_matrix(G, "random(G)")
-    noise = torch.randn(M.shape[0], dtype=M.dtype, device=M.device, generator=generator)
-    return _as_weights(torch.softmax(noise, dim=-1), G)
+    noise = torch.randn(G.shape[0], dtype=G.dtype, device=G.device, generator=generator)
+    return torch.softmax(noise, dim=-1)

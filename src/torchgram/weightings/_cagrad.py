@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _check_positive_int, _to_matrix, _uniform
+from ._shapes import _check_positive_int, _uniform, _weighting
 
 
 def _project_simplex(y: Tensor) -> Tensor:
@@ -40,6 +40,7 @@ def _solve_cagrad_dual(G: Tensor, sqrt_phi: Tensor, max_iters: int) -> Tensor:
     return x
 
 
+@_weighting("cagrad(G)")
 def cagrad(G: Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, max_iters: int = 500) -> Tensor:
     """Weights of CAGrad: ``w = 1/m + (sqrt(φ) / ||g_u||) u`` from the dual of CAGrad's problem.
 
@@ -73,18 +74,17 @@ def cagrad(G: Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, max_iters: int 
         tensor([0.5000, 0.9330])
     """
     call = "cagrad(G)"
-    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not c >= 0 or not norm_eps >= 0:
         raise ValueError(f"{call}: expected c >= 0 and norm_eps >= 0, got c={c!r}, {norm_eps=!r}.")
-    m = M.shape[0]
+    m = G.shape[0]
     if m == 0:  # no rows: the dual has no variable (and no largest eigenvalue)
-        return _as_weights(_uniform(M), G)
-    trace = torch.diagonal(M).sum()
+        return _uniform(G)
+    trace = torch.diagonal(G).sum()
     small = trace < norm_eps
-    Gn = torch.where(small, torch.zeros_like(M), M / torch.where(small, 1.0, trace))
+    Gn = torch.where(small, torch.zeros_like(G), G / torch.where(small, 1.0, trace))
     sqrt_phi = c * torch.sqrt(Gn.sum().clamp(min=0.0)) / m
     u = _solve_cagrad_dual(Gn, sqrt_phi, max_iters)
     norm = torch.sqrt((u @ Gn @ u).clamp(min=0.0))
-    w = _uniform(M) + sqrt_phi / torch.where(norm >= norm_eps, norm, 1.0) * u
-    return _as_weights(torch.where(norm >= norm_eps, w, torch.zeros_like(w)), G)
+    w = _uniform(G) + sqrt_phi / torch.where(norm >= norm_eps, norm, 1.0) * u
+    return torch.where(norm >= norm_eps, w, torch.zeros_like(w))

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from ._shapes import _as_weights, _check_gramian, _check_in_range, _compute_dtype, _output_shape
+from ._shapes import _check_in_range, _compute_dtype, _output_shape, _weighting
 
 
 class CRMOGMState(NamedTuple):
@@ -20,6 +20,7 @@ class CRMOGMState(NamedTuple):
     weights: Tensor
 
 
+@_weighting("cr_mogm(G, weighting)", matrix=False)
 def cr_mogm(
     G: Tensor,
     *,
@@ -65,7 +66,6 @@ def cr_mogm(
         tensor([0.1000, 0.9000])
     """
     call = "cr_mogm(G, weighting)"
-    shape = _output_shape(_check_gramian(G, call))
     _check_in_range(alpha, 0.0, 1.0, call, "alpha")
     if not callable(weighting):
         raise TypeError(
@@ -82,10 +82,11 @@ def cr_mogm(
         where = "initial_weights"
     else:
         previous, where = current, "weights"
+    shape = _output_shape(G)
     if previous.shape != shape:
         raise ValueError(
             f"{call}: expected {where} of shape {list(shape)}, got {list(previous.shape)}. The "
             "number of rows changed: start again with state=None."
         )
     smoothed = alpha * previous + (1.0 - alpha) * current
-    return _as_weights(smoothed, G), CRMOGMState(smoothed)
+    return smoothed, CRMOGMState(smoothed)

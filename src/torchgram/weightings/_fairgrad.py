@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _can_read, _check_positive_int, _to_matrix, _uniform
+from ._shapes import _can_read, _check_positive_int, _uniform, _weighting
 
 # A relative residual above this after the Newton steps means that no positive solution was found:
 # G is (numerically) Pareto-stationary, and the residual stays at 1 or above. A solution has a
@@ -65,6 +65,7 @@ def _solve_fair(G: Tensor, alpha: float, max_iters: int) -> Tensor:
     return torch.where(solved, w, 0.0) * norm ** (-alpha / (alpha + 1.0))
 
 
+@_weighting("fairgrad(G)")
 def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
     """Weights of FairGrad: the positive solution of ``G w = w^(-1/alpha)``.
 
@@ -102,15 +103,15 @@ def fairgrad(G: Tensor, *, alpha: float = 1.0, max_iters: int = 50) -> Tensor:
         tensor([0.5000, 1.0000])
     """
     call = "fairgrad(G)"
-    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not alpha >= 0:
         raise ValueError(f"{call}: expected alpha >= 0, got {alpha!r}.")
     if alpha == 0:
-        return _as_weights(_uniform(M), G)
-    return _as_weights(_solve_fair(M, alpha, max_iters), G)
+        return _uniform(G)
+    return _solve_fair(G, alpha, max_iters)
 
 
+@_weighting("nash_mtl(G)")
 def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor:
     """Weights of Nash-MTL: the Nash bargaining solution ``G w = 1 / w``, with a norm cap.
 
@@ -145,13 +146,12 @@ def nash_mtl(G: Tensor, *, max_norm: float = 1.0, max_iters: int = 50) -> Tensor
         tensor([0.5000, 1.0000])
     """
     call = "nash_mtl(G)"
-    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not max_norm >= 0:
         raise ValueError(f"{call}: expected max_norm >= 0, got {max_norm!r}.")
-    w = _solve_fair(M, 1.0, max_iters)
+    w = _solve_fair(G, 1.0, max_iters)
     if max_norm > 0:
-        squared_norm = (w @ M @ w).clamp(min=0.0)
+        squared_norm = (w @ G @ w).clamp(min=0.0)
         capped = squared_norm > max_norm**2  # also keeps sqrt's derivative at 0 out of the graph
         w = w * torch.where(capped, max_norm / torch.where(capped, squared_norm, 1.0).sqrt(), 1.0)
-    return _as_weights(w, G)
+    return w

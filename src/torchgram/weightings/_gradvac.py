@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _check_in_range, _to_matrix
+from ._shapes import _check_in_range, _weighting
 from ._sweep import Rule, _sweep
 
 
@@ -60,6 +60,7 @@ def _vaccine(G: Tensor, orders: Tensor, phi: Tensor, beta: float, eps: float) ->
     return step
 
 
+@_weighting("gradvac(G)")
 def gradvac(
     G: Tensor,
     *,
@@ -110,13 +111,12 @@ def gradvac(
         >>> w, state = gradvac(G, state=state)
     """
     call = "gradvac(G)"
-    M, _ = _to_matrix(G, call)
     _check_in_range(beta, 0.0, 1.0, call, "beta")
     if eps < 0:
         raise ValueError(f"{call}: expected eps >= 0, got {eps!r}.")
-    m = M.shape[0]
+    m = G.shape[0]
     if state is None:
-        phi = torch.zeros(m, m, dtype=M.dtype, device=M.device)
+        phi = torch.zeros(m, m, dtype=G.dtype, device=G.device)
     elif not isinstance(state, GradVacState):
         raise TypeError(
             f"{call}: expected state to be a GradVacState or None, got {type(state).__name__}. "
@@ -128,10 +128,10 @@ def gradvac(
             "number of rows changed: start again with state=None."
         )
     else:
-        phi = state.phi.to(M.dtype)
+        phi = state.phi.to(G.dtype)
     if m == 0:
-        return _as_weights(M.new_zeros(0), G), GradVacState(phi)
-    orders = _orders(m, generator, M.device)
-    rule = _vaccine(M, orders, phi, beta, eps)
-    C, _, moves = _sweep(M, orders, rule, torch.diagonal(M))
-    return _as_weights(C.sum(dim=0), G), GradVacState(phi.scatter_add(1, orders, moves))
+        return G.new_zeros(0), GradVacState(phi)
+    orders = _orders(m, generator, G.device)
+    rule = _vaccine(G, orders, phi, beta, eps)
+    C, _, moves = _sweep(G, orders, rule, torch.diagonal(G))
+    return C.sum(dim=0), GradVacState(phi.scatter_add(1, orders, moves))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _to_matrix
+from ._shapes import _weighting
 from ._spectral import _kept_eigenvalues
 
 
@@ -19,6 +19,7 @@ def _pinv_times(M: Tensor, d: Tensor) -> Tensor:
     return Q @ (inverse * (Q.mT @ d))
 
 
+@_weighting("imtl_g(G)")
 def imtl_g(G: Tensor) -> Tensor:
     """Weights of IMTL-G: ``w ∝ G⁺ sqrt(diag(G))``, normalised to sum to 1.
 
@@ -48,13 +49,11 @@ def imtl_g(G: Tensor) -> Tensor:
         >>> imtl_g(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))
         tensor([0.3333, 0.6667])
     """
-    M, _ = _to_matrix(G, "imtl_g(G)")
-    trace = torch.diagonal(M).sum()
-    M = torch.where(trace > 0, M / torch.where(trace > 0, trace, 1.0), 0.0)
+    trace = torch.diagonal(G).sum()
+    M = torch.where(trace > 0, G / torch.where(trace > 0, trace, 1.0), 0.0)
     d = torch.sqrt(torch.diagonal(M).clamp(min=0.0))
     v = _pinv_times(M, d)
     total = v.sum()
     rounding = M.shape[0] * torch.finfo(M.dtype).eps * (v.abs().sum() + d.sum())
     small = total.abs() <= rounding
-    w = torch.where(small, torch.zeros_like(v), v / torch.where(small, 1.0, total))
-    return _as_weights(w, G)
+    return torch.where(small, torch.zeros_like(v), v / torch.where(small, 1.0, total))

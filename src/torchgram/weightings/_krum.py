@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _check_positive_int, _to_matrix
+from ._shapes import _check_positive_int, _weighting
 
 
 def _pairwise_distances(G: Tensor) -> Tensor:
@@ -14,6 +14,7 @@ def _pairwise_distances(G: Tensor) -> Tensor:
     return torch.sqrt((norms.unsqueeze(0) + norms.unsqueeze(1) - 2 * G).clamp(min=0.0))
 
 
+@_weighting("krum(G)")
 def krum(G: Tensor, *, n_byzantine: int, n_selected: int = 1) -> Tensor:
     """Weights of (Multi-)Krum: average the ``n_selected`` rows with the smallest Krum score.
 
@@ -47,17 +48,16 @@ def krum(G: Tensor, *, n_byzantine: int, n_selected: int = 1) -> Tensor:
         tensor([0., 1., 0., 0.])
     """
     call = "krum(G)"
-    M, _ = _to_matrix(G, call)
     _check_positive_int(n_byzantine, call, "n_byzantine", minimum=0)
     _check_positive_int(n_selected, call, "n_selected")
-    m = M.shape[0]
+    m = G.shape[0]
     if m < n_byzantine + 3 or m < n_selected:
         raise ValueError(
             f"{call}: expected at least max(n_byzantine + 3, n_selected) = "
             f"{max(n_byzantine + 3, n_selected)} rows, got m={m}. Lower n_byzantine or n_selected."
         )
-    nearest, _ = torch.topk(_pairwise_distances(M), k=m - n_byzantine - 1, largest=False)
+    nearest, _ = torch.topk(_pairwise_distances(G), k=m - n_byzantine - 1, largest=False)
     scores = nearest[:, 1:].sum(dim=1)
     _, selected = torch.topk(scores, k=n_selected, largest=False)
     one_hot = torch.nn.functional.one_hot(selected, num_classes=m).sum(dim=0)
-    return _as_weights(one_hot.to(M.dtype) / n_selected, G)
+    return one_hot.to(G.dtype) / n_selected

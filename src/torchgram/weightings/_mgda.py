@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _can_read, _check_positive_int, _to_matrix, _uniform
+from ._shapes import _can_read, _check_positive_int, _uniform, _weighting
 
 
 def _frank_wolfe_step(G: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -21,6 +21,7 @@ def _frank_wolfe_step(G: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     return (1 - gamma) * alpha + gamma * e_t, gamma
 
 
+@_weighting("mgda(G)")
 def mgda(G: Tensor, *, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
     """Weights of MGDA: ``argmin_{w in simplex} wᵀGw``, the min-norm element of the rows' hull.
 
@@ -54,19 +55,18 @@ def mgda(G: Tensor, *, epsilon: float = 1e-3, max_iters: int = 100) -> Tensor:
         tensor([0.2857, 0.7143])
     """
     call = "mgda(G)"
-    M, _ = _to_matrix(G, call)
     _check_positive_int(max_iters, call, "max_iters")
     if not epsilon > 0:
         raise ValueError(f"{call}: expected epsilon > 0, got {epsilon!r}.")
-    alpha = _uniform(M)
-    if M.shape[0] == 0:  # no vertex to step to
-        return _as_weights(alpha, G)
-    done = torch.zeros((), dtype=torch.bool, device=M.device)
+    alpha = _uniform(G)
+    if G.shape[0] == 0:  # no vertex to step to
+        return alpha
+    done = torch.zeros((), dtype=torch.bool, device=G.device)
     can_stop = _can_read(G)  # outside vmap: stop once done (the later steps would not move)
     for _ in range(max_iters):
-        candidate, gamma = _frank_wolfe_step(M, alpha)
+        candidate, gamma = _frank_wolfe_step(G, alpha)
         alpha = torch.where(done, alpha, candidate)
         done = done | (gamma < epsilon)
         if can_stop and bool(done):
             break
-    return _as_weights(alpha, G)
+    return alpha

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._shapes import _as_weights, _to_matrix
+from ._shapes import _weighting
 from ._sweep import _sweep
 
 
@@ -15,6 +15,7 @@ def _permutations(m: int, generator: torch.Generator | None, device: torch.devic
     return torch.stack(orders).to(device)
 
 
+@_weighting("pcgrad(G)")
 def pcgrad(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     """Weights of PCGrad: each row, projected in a random order onto the normal planes of the rows
     it conflicts with, then summed.
@@ -43,13 +44,12 @@ def pcgrad(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         >>> pcgrad(torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
         tensor([1.5000, 1.5000])
     """
-    M, _ = _to_matrix(G, "pcgrad(G)")
-    m = M.shape[0]
+    m = G.shape[0]
     if m == 0:
-        return _as_weights(M.new_zeros(0), G)
-    orders = _permutations(m, generator, M.device)
-    squared_norms = torch.diagonal(M)[orders]  # |g_j|² of the row met at each step
-    projectable = (orders != torch.arange(m, device=M.device).unsqueeze(1)) & (squared_norms > 0)
+        return G.new_zeros(0)
+    orders = _permutations(m, generator, G.device)
+    squared_norms = torch.diagonal(G)[orders]  # |g_j|² of the row met at each step
+    projectable = (orders != torch.arange(m, device=G.device).unsqueeze(1)) & (squared_norms > 0)
 
     def project(inner: Tensor, t: int, carry: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         conflict = (inner < 0) & projectable[:, t]
@@ -57,5 +57,5 @@ def pcgrad(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         coefficient = torch.where(conflict, -inner / norms, 0.0)
         return coefficient, carry, coefficient
 
-    C, _, _ = _sweep(M, orders, project, M.new_zeros(()))
-    return _as_weights(C.sum(dim=0), G)
+    C, _, _ = _sweep(G, orders, project, G.new_zeros(()))
+    return C.sum(dim=0)

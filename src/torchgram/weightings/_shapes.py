@@ -1,12 +1,17 @@
 """Validation of Gramians and the flattening of generalized Gramians shared by all weightings.
 
-Every weighting reads ``G`` through ``_to_matrix`` (checks, ``[m, m]`` flattening, float32 at
-least) and returns ``_as_weights(w, G)`` (output shape and dtype of ``G``).
+Every weighting is a body on an ``[m, m]`` matrix decorated with ``_weighting``, which checks
+``G`` (``_check_gramian``), flattens it (``_to_matrix``: ``[m, m]``, float32 at least) and the
+per-row options, and returns the body's weights by ``_as_weights`` (output shape, dtype of ``G``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -72,18 +77,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _to_matrix(G: object, call: str) -> tuple[Tensor, torch.Size]:
-    """Validates ``G`` and returns its ``[m, m]`` flattening, in ``_compute_dtype``, and the
-    output shape ``S``.
+def _to_matrix(G: Tensor) -> Tensor:
+    """The ``[m, m]`` flattening of a checked ``G``, in ``_compute_dtype``.
 
     Where ``G`` cannot be checked (``_can_read``), a non-finite one is replaced by zeros, so that
     no solver raises on it (``eigh`` does on NaN) and ``_as_weights`` makes its weights NaN.
     """
-    G = _check_gramian(G, call)
     M = _flatten_gramian(G).to(_compute_dtype(G.dtype))
     if not _can_read(G):
         M = torch.where(torch.isfinite(M).all(), M, 0.0)
-    return M, _output_shape(G)
+    return M
 
 
 def _as_weights(w: Tensor, G: Tensor) -> Tensor:
@@ -94,6 +97,46 @@ def _as_weights(w: Tensor, G: Tensor) -> Tensor:
     if not _can_read(G):
         w = torch.where(torch.isfinite(G).all(), w, torch.nan)
     return w.reshape(_output_shape(G)).to(G.dtype)
+
+
+_Body = TypeVar("_Body", bound=Callable[..., Any])
+
+
+def _weighting(
+    call: str, *, per_row: tuple[str, ...] = (), matrix: bool = True
+) -> Callable[[_Body], _Body]:
+    """Makes the weighting ``name(G, **options)`` of a body that works on an ``[m, m]`` matrix.
+
+    The weighting has the body's signature and docstring. It checks ``G`` (its errors start with
+    ``call``, e.g. ``"mgda(G)"``) and calls the body with ``G`` flattened to ``[m, m]`` in
+    ``_compute_dtype``, and with each option named in ``per_row`` (shape ``S`` or ``[m]``)
+    flattened to ``[m]`` in that dtype (``None`` passes where it is the default). The body returns
+    the weights ``[m]``, or ``(weights, state)`` when stateful; the weighting returns them in the
+    shape ``S`` and the dtype of ``G`` (NaN for a non-finite ``G`` that could not be checked).
+
+    ``matrix=False`` is for a weighting that hands ``G`` on to another (``cr_mogm``): its body gets
+    the checked ``G`` as given and returns weights of shape ``S``.
+    """
+
+    def decorate(body: _Body) -> _Body:
+        parameters = inspect.signature(body).parameters
+        nullable = {name for name in per_row if parameters[name].default is None}
+
+        @functools.wraps(body)
+        def checked(G: object, **options: object) -> Any:
+            G = _check_gramian(G, call)
+            M = _to_matrix(G) if matrix else G
+            for name in per_row:
+                if name in options and not (options[name] is None and name in nullable):
+                    options[name] = _check_vector(options[name], _output_shape(G), M, call, name)
+            out = body(M, **options)
+            if isinstance(out, tuple):  # a stateful weighting: (weights, new state)
+                return (_as_weights(out[0], G), *out[1:])
+            return _as_weights(out, G)
+
+        return cast(_Body, checked)
+
+    return decorate
 
 
 def _uniform(M: Tensor) -> Tensor:

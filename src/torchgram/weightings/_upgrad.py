@@ -6,35 +6,23 @@ import torch
 from torch import Tensor
 
 from ._dual_cone import _project_weights
-from ._shapes import _as_weights, _check_positive_int, _check_vector, _to_matrix, _uniform
+from ._shapes import _check_positive_int, _uniform, _weighting
 
 
-def _preference(pref: Tensor | None, M: Tensor, shape: torch.Size, call: str) -> Tensor:
-    """The preference vector flattened to ``[m]``; ``None`` gives the uniform ``1/m``."""
-    if pref is None:
-        return _uniform(M)
-    return _check_vector(pref, shape, M, call, "pref")
-
-
-def _prepare(
+def _preference(
     G: Tensor, pref: Tensor | None, norm_eps: float, reg_eps: float, max_iters: int, call: str
-) -> tuple[Tensor, Tensor]:
-    """Checks the arguments; returns the ``[m, m]`` Gramian and the preference ``[m]``."""
-    M, shape = _to_matrix(G, call)
-    u = _preference(pref, M, shape, call)
-    _check_eps(norm_eps, reg_eps, call)
-    _check_positive_int(max_iters, call, "max_iters")
-    return M, u
-
-
-def _check_eps(norm_eps: float, reg_eps: float, call: str) -> None:
+) -> Tensor:
+    """Checks the options; returns the preference ``[m]`` (``None``: the uniform ``1/m``)."""
     if norm_eps < 0.0 or reg_eps <= 0.0:
         raise ValueError(
             f"{call}: expected norm_eps >= 0 and reg_eps > 0, got norm_eps={norm_eps!r}, "
             f"reg_eps={reg_eps!r}. reg_eps makes the problem strictly convex; keep it small."
         )
+    _check_positive_int(max_iters, call, "max_iters")
+    return _uniform(G) if pref is None else pref
 
 
+@_weighting("upgrad(G)", per_row=("pref",))
 def upgrad(
     G: Tensor,
     *,
@@ -81,13 +69,14 @@ def upgrad(
         >>> upgrad(J @ J.T)
         tensor([1.1109, 0.7894])
     """
-    M, u = _prepare(G, pref, norm_eps, reg_eps, max_iters, "upgrad(G)")
+    u = _preference(G, pref, norm_eps, reg_eps, max_iters, "upgrad(G)")
     V = _project_weights(
-        torch.diag(u), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
+        torch.diag(u), G, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
-    return _as_weights(V.sum(dim=0), G)
+    return V.sum(dim=0)
 
 
+@_weighting("dualproj(G)", per_row=("pref",))
 def dualproj(
     G: Tensor,
     *,
@@ -128,8 +117,8 @@ def dualproj(
         >>> dualproj(J @ J.T)
         tensor([0.6109, 0.5000])
     """
-    M, u = _prepare(G, pref, norm_eps, reg_eps, max_iters, "dualproj(G)")
+    u = _preference(G, pref, norm_eps, reg_eps, max_iters, "dualproj(G)")
     v = _project_weights(
-        u.unsqueeze(0), M, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
+        u.unsqueeze(0), G, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
-    return _as_weights(v.squeeze(0), G)
+    return v.squeeze(0)
