@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from torchgram._internals import readable
+from torchgram._shapes import flatten
 
 
 def _check_gramian(G: object, call: str) -> Tensor:
@@ -58,18 +59,6 @@ def _output_shape(G: Tensor) -> torch.Size:
     return G.shape[: G.ndim // 2]
 
 
-def _flatten_gramian(G: Tensor) -> Tensor:
-    """Flattens a generalized Gramian of shape ``S + S[::-1]`` into an ``[m, m]`` matrix.
-
-    The second half of the dimensions is reversed so that both halves are indexed like the output,
-    then both are flattened in row-major order. A 0-D Gramian becomes ``[1, 1]``.
-    """
-    k = G.ndim // 2
-    m = math.prod(G.shape[:k])
-    reversed_second_half = list(range(k)) + list(range(2 * k - 1, k - 1, -1))
-    return G.permute(reversed_second_half).reshape(m, m)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype weightings compute in: float32 for the half-precision ones (float16, bfloat16),
     which torch's linear algebra (eigh, lu, pinv) does not implement and which would lose the
@@ -83,7 +72,7 @@ def _to_matrix(G: Tensor) -> Tensor:
     Where ``G`` cannot be checked (``_can_read``), a non-finite one is replaced by zeros, so that
     no solver raises on it (``eigh`` does on NaN) and ``_as_weights`` makes its weights NaN.
     """
-    M = _flatten_gramian(G).to(_compute_dtype(G.dtype))
+    M = flatten(G).to(_compute_dtype(G.dtype))
     if not _can_read(G):
         M = torch.where(torch.isfinite(M).all(), M, 0.0)
     return M
