@@ -126,14 +126,22 @@ def _errors(rank: int) -> list[str]:
     wrong = {
         k: v[..., :1] if rank == 1 and k.endswith("bias") else v for k, v in case.params.items()
     }
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in case.params.items()}
+
+    def ensemble(group, batch_dim):
+        return torch.func.vmap(
+            lambda p: torchgram.gramian(case.fn, p, x, batch_dim=batch_dim, group=group)
+        )(stacked)
+
     calls = [
         functools.partial(torchgram.gramian, failing, case.params, x),
         functools.partial(torchgram.gramian, case.fn, wrong, x),
         functools.partial(torchgram.gramian, case.fn, case.params, x, batch_dim=None),
+        ensemble,
     ]
     for call in calls:
         try:
-            options = {} if call.keywords else {"batch_dim": 0}
+            options = {} if getattr(call, "keywords", None) else {"batch_dim": 0}
             call(group=group, **options)
             messages.append("no error")
         except Exception as error:  # every rank must raise, none may hang
@@ -153,9 +161,11 @@ def test_errors_reach_every_rank(two_ranks) -> None:
     ranks = [Path(two_ranks, f"errors{r}.txt").read_text().splitlines() for r in range(2)]
     assert ranks[1][0] == "RuntimeError: rank 1's own error"
     assert ranks[0][0].startswith("RankFailed: gramian(fn, batch_dim=0): rank 1 of the group")
+    assert len(ranks[0]) == len(ranks[1]) == 4
     for rank in ranks:
         assert "ran" in rank[1] and "different shapes" in rank[1], rank[1]
         assert rank[2].startswith("ValueError: gramian(fn, batch_dim=None): group spreads")
+        assert rank[3].startswith("ValueError: gramian(fn, batch_dim=0): group cannot be used")
 
 
 def test_group_needs_an_initialised_process_group() -> None:

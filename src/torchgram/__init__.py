@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from torchgram import rules, weightings
 from torchgram._cross import cross_gramian, cross_gramian_of
+from torchgram._distributed import RankFailed
 from torchgram._grads import set_grad
 from torchgram._shapes import flatten
 from torchgram._transform import gramian, gramian_of, jd_grad, vjp_and_gramian
@@ -19,6 +20,7 @@ except PackageNotFoundError:  # pragma: no cover - run from a source tree withou
     __version__ = "0+unknown"
 
 __all__ = [
+    "RankFailed",
     "__version__",
     "cross_gramian",
     "cross_gramian_of",
