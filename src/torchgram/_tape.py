@@ -3,7 +3,8 @@
 A ``Tape`` is a ``TorchFunctionMode`` that lives for one run of ``fn``. It
 
 - follows views of the parameter leaves (``chunk``, slices, transposes, ...), remembering for each
-  view which elements of its leaf it holds (an index tensor, so that any rearrangement is exact);
+  view which elements of its leaf it holds (an index tensor, so that any rearrangement is exact;
+  ``torchgram._views``);
 - steps inside composite ``torch.nn.functional`` functions (multi-head attention, ...) so that the
   primitive ops they are made of are what gets recorded;
 - records every other op that consumes a parameter or a view of one as a ``Use``: the op, its
@@ -51,30 +52,11 @@ from torchgram._uses import (
     Use,
     differentiable,
     op_name,
-    positions,
 )
+from torchgram._views import CASTS, VIEW_OPS, follow_view, only_tensor, same_value
 
 Tensor = torch.Tensor
 
-# Ops whose output elements are each one element of the input (views, copies, rearrangements).
-# Applied to an index tensor they tell which leaf elements a view holds.
-_VIEW_OPS = frozenset(
-    {
-        "t", "T", "mT", "transpose", "permute", "reshape", "view", "chunk", "split",
-        "split_with_sizes", "tensor_split", "unbind", "narrow", "select", "squeeze", "unsqueeze",
-        "flatten", "unflatten", "movedim", "moveaxis", "swapaxes", "swapdims", "contiguous",
-        "expand", "__getitem__", "repeat", "clone", "view_as", "reshape_as", "expand_as",
-    }
-)  # fmt: skip
-_AS_OPS = {"view_as": "view", "reshape_as": "reshape", "expand_as": "expand"}
-# Casts of their first argument: to a dtype, device or layout it already has they return the same
-# values (the tensor itself, or under a transform a new wrapper), which stay a parameter view.
-_CASTS = frozenset(
-    {
-        "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda",
-        "resolve_conj", "resolve_neg", "atleast_1d", "atleast_2d", "atleast_3d",
-    }
-)  # fmt: skip
 # Ops whose parameters are small next to their output (the affine parameters of norms; scales,
 # shifts and biases broadcast by elementwise ops): the taps go on the parameter arguments, so the
 # pull-back yields their per-sample gradients directly and the output cotangent is never kept
@@ -261,11 +243,11 @@ class Tape(TorchFunctionMode):
                 "depend on the parameters."
             )
         self.guard.refuse_writes_reading_params(name, kwargs)
-        if name in _VIEW_OPS and self._only_tensor(leaves, slots, name):
-            return self._follow_view(func, name, leaves, spec, slots[0])
-        if name in _CASTS and slots[0] == 0:
+        if name in VIEW_OPS and only_tensor(leaves, slots, name):
+            return follow_view(self._views, func, name, leaves, spec, slots[0])
+        if name in CASTS and slots[0] == 0:
             out = func(*args, **kwargs)
-            if self._same_value(out, leaves[0]):  # a cast to what it already is
+            if same_value(self._views, out, leaves[0]):  # a cast to what it already is
                 return out
             return self._record(func, leaves, spec, slots, out)
         if name in PARAMETER_TAPPED and not self.on_outputs:  # before stepping inside
@@ -312,52 +294,6 @@ class Tape(TorchFunctionMode):
             elif isinstance(value, dict):
                 return True
         return False
-
-    def _same_value(self, out: Any, source: Tensor) -> bool:
-        """Whether ``out`` is the parameter view ``source`` itself, or the same values as another
-        tensor (under a transform a no-op cast may return a new wrapper): then it becomes a view
-        of the same elements."""
-        if out is source:
-            return True
-        same = (
-            isinstance(out, Tensor)
-            and out.shape == source.shape
-            and out.dtype == source.dtype
-            and out.device == source.device
-        )
-        if same:
-            view = self._views[id(source)]
-            self._views[id(out)] = ParamView(view.leaf, out, view.index)
-        return same
-
-    def _only_tensor(self, leaves: list[Any], slots: list[int], name: str) -> bool:
-        """Whether a view op's only tensor input is the one parameter view it reads."""
-        tensors = [i for i, v in enumerate(leaves) if isinstance(v, Tensor)]
-        if name in _AS_OPS:
-            return len(slots) == 1 and tensors[0] == slots[0]
-        return tensors == slots[:1] == slots
-
-    def _follow_view(
-        self, func: Callable[..., Any], name: str, leaves: list[Any], spec: Any, slot: int
-    ) -> Any:
-        source = self._views[id(leaves[slot])]
-        args, kwargs = optree.tree_unflatten(spec, leaves)
-        out = func(*args, **kwargs)
-        index = positions(source.index, source.tensor.shape)
-        index_leaves = list(leaves)
-        index_leaves[slot] = index
-        if name in _AS_OPS:  # the other tensor only gives a shape
-            other = next(v for i, v in enumerate(leaves) if isinstance(v, Tensor) and i != slot)
-            index_out = getattr(index, _AS_OPS[name])(*other.shape)
-        else:
-            index_args, index_kwargs = optree.tree_unflatten(spec, index_leaves)
-            index_out = func(*index_args, **index_kwargs)
-        outs = optree.tree_leaves(out)
-        index_outs = optree.tree_leaves(index_out)
-        for view, view_index in zip(outs, index_outs, strict=True):
-            if isinstance(view, Tensor):
-                self._views[id(view)] = ParamView(source.leaf, view, view_index)
-        return out
 
     def _record(
         self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int], out: Any
