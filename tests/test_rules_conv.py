@@ -289,9 +289,11 @@ def test_groups_in_blocks_of_whole_groups(
     assert kernel_blocks and all(count > 1 for count in kernel_blocks), kernel_blocks
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "rows"])
+@pytest.mark.parametrize(
+    ("kernel", "groups"),  # patches need G = 1
+    [("patches", 1), ("grouped", 1), ("grouped", 2), ("rows", 1), ("rows", 2)],
+)
 @pytest.mark.parametrize("chunk", [1, 2**11, 2**30])
-@pytest.mark.parametrize("groups", [1, 2])
 def test_overlapping_regions_are_materialised(monkeypatch, kernel, chunk, groups) -> None:
     """A weight and its first half in two convolutions: the regions overlap, so each factor is
     materialised (``Conv.materialise``) and scattered into the leaf, whatever the chunk size."""

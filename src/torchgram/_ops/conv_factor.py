@@ -81,9 +81,14 @@ class Conv:
         """Per-sample gradients ``[K, B, C_out, C_in / G, *kernel]`` (needed whole, so built in
         one block)."""
         K, B = self.dy.shape[:2]
-        grouped = self.kernel_for_gradients(chunk_bytes) == "grouped"
-        (g,) = (self._grouped_blocks if grouped else self._blocks)(None)
-        return g.reshape(K, B, -1, self.x.shape[2] // self.groups, *self.kernel)
+        kernel = self.kernel_for_gradients(chunk_bytes)
+        c_in = self.x.shape[2] // self.groups
+        if kernel == "patches":  # blocks [K*B, d * c] laid out [K, B, d, c]: join the c
+            d = c_in * math.prod(self.kernel)
+            blocks = [g.view(K, B, d, -1) for g in self._patch_blocks(chunk_bytes)]
+            return torch.cat(blocks, dim=-1).transpose(-1, -2).reshape(K, B, -1, c_in, *self.kernel)
+        (g,) = (self._grouped_blocks if kernel == "grouped" else self._blocks)(None)
+        return g.reshape(K, B, -1, c_in, *self.kernel)
 
     def weighted(self, weights: Tensor) -> Tensor:
         """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution."""
