@@ -375,3 +375,26 @@ def test_demo(tmp_path, capsys, recorded) -> None:
     torch.testing.assert_close(cosine.to(D), cosines(J), rtol=0, atol=1e-5)
     assert_direction(steps[0])
     assert_direction(steps[-1])
+
+
+def test_distributed_jd(tmp_path, capsys) -> None:
+    """Two processes under torchrun (gloo) end with the parameters of the one-process run on
+    the same global batches."""
+    import subprocess
+
+    steps = 6
+    single = load("distributed_jd").main(steps=steps, log_every=3)
+    assert "1 process(es): parameter checksum" in capsys.readouterr().out
+    out = tmp_path / "two.pt"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(EXAMPLES / "distributed_jd.py"), "--steps", str(steps), "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es): parameter checksum" in result.stdout
+    two = torch.load(out)
+    assert single.keys() == two.keys()
+    for key in single:
+        assert torch.allclose(two[key], single[key], rtol=1e-10, atol=1e-12), key
+    assert any(not torch.equal(two[k], load("distributed_jd").main(steps=0)[k]) for k in two)
