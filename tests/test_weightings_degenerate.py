@@ -92,7 +92,10 @@ def _closed_forms(u: torch.Tensor) -> dict[str, torch.Tensor]:
 
 EXPECTED: dict[str, dict[str, torch.Tensor]] = {
     "zero": {
-        **{name: _uniform(5) for name in ["upgrad", "dualproj", "aligned_mtl", "mean"]},
+        **{
+            name: _uniform(5)
+            for name in ["upgrad", "dualproj", "aligned_mtl", "mean", "modo", "sdmgrad"]
+        },
         **{
             name: torch.zeros(5, dtype=DTYPE)
             for name in ["cagrad", "imtl_g", "fairgrad", "nash_mtl"]
@@ -211,19 +214,27 @@ def _well_conditioned(seed: int, dtype: torch.dtype = torch.float32) -> torch.Te
     return J @ J.T
 
 
+# The options of the comparisons between precisions below. sdmgrad's default inner solve (20 steps
+# of size lr=10, which mostly end at a corner of the simplex) carries a rounding-level change of G
+# to another corner now and then (bfloat16 moves its weights by 0.8 on these Gramians, float32 by
+# 5e-6): that is the method, not its accuracy, which lr=1 (no amplification) measures.
+ROUNDING_OPTIONS: dict[str, dict[str, object]] = {"sdmgrad": {"lr": 1.0}}
+
+
 @pytest.mark.parametrize(("half", "tolerance"), [(torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("name", NAMES)
 def test_half_precision_is_computed_in_float32(
     name: str, half: torch.dtype, tolerance: float
 ) -> None:
+    options = ROUNDING_OPTIONS.get(name, {})
     for seed in range(3):
         G = _well_conditioned(seed)
-        w = weights(name, G.to(half))
+        w = weights(name, G.to(half), **options)
         assert w.dtype == half
         # Exactly the float32 computation on the rounded Gramian, rounded once at the end.
-        assert torch.equal(w, weights(name, G.to(half).float()).to(half))
+        assert torch.equal(w, weights(name, G.to(half).float(), **options).to(half))
         # Close to the float32 weights: only the rounding of G (2^-11 or 2^-8) separates them.
-        _assert_close_relative_to_the_largest(w.float(), weights(name, G), tolerance)
+        _assert_close_relative_to_the_largest(w.float(), weights(name, G, **options), tolerance)
 
 
 # Accuracy of float32 relative to float64 on the Gramians below (condition numbers up to 1e4), about
@@ -242,12 +253,13 @@ FLOAT32_ACCURACY = {
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_agrees_with_float64(name: str) -> None:
     tolerance = FLOAT32_ACCURACY.get(name, 1e-6)
+    options = ROUNDING_OPTIONS.get(name, {})
     for seed in range(5):
         J = torch.randn(10, 18, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
         J = J * torch.logspace(-0.75, 0.75, 10, dtype=DTYPE).unsqueeze(1)  # rows scaled 1 to 30
         G = J @ J.T
         _assert_close_relative_to_the_largest(
-            weights(name, G.float()).double(), weights(name, G), tolerance
+            weights(name, G.float(), **options).double(), weights(name, G, **options), tolerance
         )
 
 
@@ -255,6 +267,7 @@ def test_the_tables_name_weightings() -> None:
     listed = {
         *ABSOLUTE_THRESHOLD,
         *FLOAT32_ACCURACY,
+        *ROUNDING_OPTIONS,
         *(n for table in EXPECTED.values() for n in table),
     }
     assert listed <= set(NAMES)

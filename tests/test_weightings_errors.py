@@ -86,3 +86,37 @@ def test_stateful_errors() -> None:
         W.cr_mogm(torch.eye(2), weighting=W.mean, alpha=1.5)
     with pytest.raises(TypeError, match=r"^cr_mogm\(G, weighting\): expected weighting to be a"):
         W.cr_mogm(torch.eye(2), weighting="mgda")  # type: ignore[arg-type]
+
+
+def test_cross_gramian_weighting_errors() -> None:
+    _, modo_state = W.modo(torch.eye(3))
+    with pytest.raises(ValueError, match=r"^modo\(G\): expected state.weights of shape \[2\]"):
+        W.modo(torch.eye(2), state=modo_state)
+    with pytest.raises(TypeError, match=r"^modo\(G\): expected state to be a MoDoState or None"):
+        W.modo(torch.eye(2), state=(torch.ones(2) / 2,))  # type: ignore[arg-type]
+    for options in [{"gamma": 0.0}, {"gamma": float("inf")}, {"rho": -0.1}, {"rho": float("nan")}]:
+        with pytest.raises(ValueError, match=r"^modo\(G\): expected gamma > 0 and rho >= 0"):
+            W.modo(torch.eye(2), **options)  # type: ignore[arg-type]
+    _, sdm_state = W.sdmgrad(torch.eye(3))
+    with pytest.raises(ValueError, match=r"^sdmgrad\(G\): expected state.w of shape \[2\]"):
+        W.sdmgrad(torch.eye(2), state=sdm_state)
+    with pytest.raises(TypeError, match=r"^sdmgrad\(G\): expected state to be an? SDMGradState"):
+        W.sdmgrad(torch.eye(3), state=modo_state)  # type: ignore[arg-type]
+    for options in [{"lr": 0.0}, {"lr": -1.0}, {"lambda_": -0.3}]:
+        with pytest.raises(ValueError, match=r"^sdmgrad\(G\): expected lr > 0 and lambda_ >= 0"):
+            W.sdmgrad(torch.eye(2), **options)  # type: ignore[arg-type]
+    for momentum in [-0.1, 1.0]:
+        with pytest.raises(ValueError, match=r"^sdmgrad\(G\): expected momentum in \[0, 1\)"):
+            W.sdmgrad(torch.eye(2), momentum=momentum)
+    with pytest.raises(ValueError, match=r"^sdmgrad\(G\): expected n_iter >= 1, got 0"):
+        W.sdmgrad(torch.eye(2), n_iter=0)
+    with pytest.raises(TypeError, match=r"^sdmgrad\(G\): expected n_iter to be an int"):
+        W.sdmgrad(torch.eye(2), n_iter=2.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_cross_gramian_of_batches_of_different_sizes(name: str) -> None:
+    # cross_gramian(..., batch_dim=0) of batches of 4 and 6 samples: [4, 6], no weights for it.
+    message = rf"^{name}\(G\): expected a Gramian .* got shape \[4, 6\]\. .* the same shape S"
+    with pytest.raises(ValueError, match=message):
+        getattr(W, name)(torch.ones(4, 6))

@@ -2,7 +2,8 @@
 ``test_weightings_degenerate.test_float32_agrees_with_float64`` checks: preferences, the other
 scale modes, the options that change the problem solved (CAGrad's ``c``, FairGrad's ``alpha``,
 Nash-MTL's cap, Krum's selection), and the stateful weightings over several calls, state
-included (each step's float32 state feeds the next)."""
+included (each step's float32 state feeds the next; ``modo`` and ``sdmgrad`` on non-symmetric
+inputs, as cross-Gramians are)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,24 @@ def _cr_mogm_over_three_calls(G: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _modo_over_three_calls(G: torch.Tensor) -> torch.Tensor:
+    """The third call's weights (which are its state), on non-symmetric inputs as cross-Gramians."""
+    state = None
+    for step in range(3):
+        Gs = G + step * torch.triu(G, diagonal=1)
+        w, state = W.modo(Gs / G.diagonal().mean(), state=state, gamma=0.5)
+    return w
+
+
+def _sdmgrad_over_three_calls(G: torch.Tensor) -> torch.Tensor:
+    """The third call's weights and state, with a preference and lr=0.1 (w inside the simplex)."""
+    state = None
+    for step in range(3):
+        Gs = G + step * torch.triu(G, diagonal=1)
+        w, state = W.sdmgrad(Gs, state=state, lr=0.1, pref=PREF.to(G.dtype) / PREF.sum())
+    return torch.cat([w, state.w])
+
+
 # name -> (weights of G, accuracy of float32 relative to the largest float64 weight). Each is
 # about twice to three times what the method reaches on these Gramians (so a tenfold loss
 # fails): the float32 solver tolerance (1e-5) for the dual-cone projections, rounding amplified
@@ -68,6 +87,8 @@ CASES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
     "cr_mogm-upgrad": (lambda G: W.cr_mogm(G, weighting=W.upgrad)[0], 3e-5),
     "cr_mogm-three-calls": (_cr_mogm_over_three_calls, 3e-5),
     "gradvac-three-calls": (_gradvac_over_three_calls, 1e-6),
+    "modo-three-calls": (_modo_over_three_calls, 1e-6),
+    "sdmgrad-three-calls": (_sdmgrad_over_three_calls, 1e-6),
 }
 
 

@@ -8,10 +8,14 @@ is ``Jᵀw``. Every weighting is a function ``name(G, **options) -> w``:
   A generalized Gramian gives the weights of its flattened ``[m, m]`` form, reshaped to ``S``.
 - Options are keyword-only, with the defaults of the method's paper or of TorchJD 0.18;
   ``functools.partial(upgrad, pref=p)`` is a configured weighting.
-- Stateful methods (``gradvac``, ``cr_mogm``) take the state of the previous call and return the
-  new one: ``w, state = gradvac(G, state=state)``, with ``state=None`` on the first call. States are
-  immutable ``NamedTuple``s of tensors (``GradVacState``, ``CRMOGMState``), so they can be stored,
+- Stateful methods (``gradvac``, ``cr_mogm``, ``modo``, ``sdmgrad``) take the state of the
+  previous call and return the new one: ``w, state = gradvac(G, state=state)``, with
+  ``state=None`` on the first call. States are immutable ``NamedTuple``s of tensors
+  (``GradVacState``, ``CRMOGMState``, ``MoDoState``, ``SDMGradState``), so they can be stored,
   copied, passed through ``vmap`` or checkpointed like any pytree.
+- ``modo`` and ``sdmgrad`` take a cross-Gramian ``G12 = J_1 J_2ᵀ`` of two independent batches
+  (``torchgram.cross_gramian``) in place of ``G``, in the same shapes; it is not symmetric in
+  general.
 
 All weightings are pure torch (any device and dtype) and work under ``torch.func.vmap`` over a
 stack of Gramians; the random ones (``random``, ``pcgrad``, ``gradvac``) need
@@ -34,12 +38,16 @@ from ._gradvac import GradVacState, gradvac
 from ._imtl_g import imtl_g
 from ._krum import krum
 from ._mgda import mgda
+from ._modo import MoDoState, modo
 from ._pcgrad import pcgrad
+from ._sdmgrad import SDMGradState, sdmgrad
 from ._upgrad import dualproj, upgrad
 
 __all__ = [
     "CRMOGMState",
     "GradVacState",
+    "MoDoState",
+    "SDMGradState",
     "aligned_mtl",
     "cagrad",
     "constant",
@@ -51,9 +59,11 @@ __all__ = [
     "krum",
     "mean",
     "mgda",
+    "modo",
     "nash_mtl",
     "pcgrad",
     "random",
+    "sdmgrad",
     "sum",
     "upgrad",
 ]

@@ -20,8 +20,12 @@ from torchgram._internals import readable
 from torchgram._shapes import flatten
 
 
-def _check_gramian(G: object, call: str) -> Tensor:
-    """Raises if ``G`` is not a floating-point (generalized) Gramian, else returns it."""
+def _check_gramian(G: object, call: str, cross: bool = False) -> Tensor:
+    """Raises if ``G`` is not a floating-point (generalized) Gramian, else returns it.
+
+    ``cross``: ``G`` is a cross-Gramian ``J_1 J_2ᵀ``, whose wrong shape usually comes from two
+    batches of different sizes; the error says so.
+    """
     if not isinstance(G, Tensor):
         raise TypeError(
             f"{call}: expected G to be a torch.Tensor, got {type(G).__name__}. "
@@ -34,9 +38,15 @@ def _check_gramian(G: object, call: str) -> Tensor:
         )
     k = G.ndim // 2
     if G.ndim % 2 != 0 or tuple(G.shape[k:]) != tuple(G.shape[:k])[::-1]:
+        fix = (
+            "Pass the cross-Gramian J_1 J_2ᵀ of two batches whose outputs have the same shape S "
+            "(e.g. batches of the same size), not a Jacobian."
+            if cross
+            else "Pass the Gramian of the output, not the Jacobian."
+        )
         raise ValueError(
             f"{call}: expected a Gramian of shape S + S[::-1] (e.g. [m, m] or [B, K, K, B]), "
-            f"got shape {list(G.shape)}. Pass the Gramian of the output, not the Jacobian."
+            f"got shape {list(G.shape)}. {fix}"
         )
     if _can_read(G) and not bool(torch.isfinite(G).all()):
         raise ValueError(
@@ -92,7 +102,7 @@ _Body = TypeVar("_Body", bound=Callable[..., Any])
 
 
 def _weighting(
-    call: str, *, per_row: tuple[str, ...] = (), matrix: bool = True
+    call: str, *, per_row: tuple[str, ...] = (), matrix: bool = True, cross: bool = False
 ) -> Callable[[_Body], _Body]:
     """Makes the weighting ``name(G, **options)`` of a body that works on an ``[m, m]`` matrix.
 
@@ -104,7 +114,9 @@ def _weighting(
     shape ``S`` and the dtype of ``G`` (NaN for a non-finite ``G`` that could not be checked).
 
     ``matrix=False`` is for a weighting that hands ``G`` on to another (``cr_mogm``): its body gets
-    the checked ``G`` as given and returns weights of shape ``S``.
+    the checked ``G`` as given and returns weights of shape ``S``. ``cross=True`` is for a
+    weighting of a cross-Gramian ``J_1 J_2ᵀ`` (``modo``, ``sdmgrad``): only the wording of the
+    shape error changes.
     """
 
     def decorate(body: _Body) -> _Body:
@@ -113,7 +125,7 @@ def _weighting(
 
         @functools.wraps(body)
         def checked(G: object, **options: object) -> Any:
-            G = _check_gramian(G, call)
+            G = _check_gramian(G, call, cross)
             M = _to_matrix(G) if matrix else G
             for name in per_row:
                 if name in options and not (options[name] is None and name in nullable):
