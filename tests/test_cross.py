@@ -185,3 +185,20 @@ def test_arguments_must_be_tuples() -> None:
     case = CASES["mlp"]
     with pytest.raises(TypeError, match=r"cross_gramian\(fn, batch_dim=0\): args_b must be a"):
         torchgram.cross_gramian(case.fn, case.params, case.args, case.args[0], batch_dim=0)
+
+
+def test_convolutions_cross_as_linear_maps_of_patches(monkeypatch) -> None:
+    """Ungrouped convolutions take the linear cross form on their patches (the grouped ones
+    their per-sample gradients); exact either way."""
+    from torchgram._ops.conv_factor import Conv
+
+    seen: list[int] = []
+    original = Conv.as_linear
+    monkeypatch.setattr(Conv, "as_linear", lambda self: seen.append(self.groups) or original(self))
+    case = CASES["cnn"]  # one ungrouped convolution, a grouped and a depthwise one
+    args_b = _other_batch(case.args)
+    G = torchgram.cross_gramian(case.fn, case.params, case.args, args_b, batch_dim=0)
+    J_a = jacobian_matrix(case.fn, case.params, *case.args)
+    J_b = jacobian_matrix(case.fn, case.params, *args_b)
+    assert _close(G, J_a @ J_b.T)
+    assert seen == [1, 1]  # both batches' factors of the ungrouped convolution

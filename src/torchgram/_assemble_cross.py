@@ -9,8 +9,9 @@ on the two batches. Per leaf and side, the factors of one region are summed as f
   cost model finds cheaper;
 - two embeddings: token equality between the batches, or the gradients on the tokens either
   batch holds, whichever is cheaper;
-- anything else (convolutions, norms, the generic rule; uses on several regions of a leaf): the
-  per-row gradients of each side, and their product.
+- two convolutions without groups: linear maps of their unfolded patches, as above;
+- anything else (grouped convolutions, norms, the generic rule; uses on several regions of a
+  leaf): the per-row gradients of each side, and their product.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torchgram._factors import (
     per_sample_products,
     rows_per_chunk,
 )
+from torchgram._ops.conv_factor import Conv
 from torchgram._ops.embedding import Embedding
 from torchgram._uses import positions
 
@@ -77,6 +79,8 @@ def _leaf_cross(
             return linear_cross(a, b, chunk_bytes)
         if isinstance(a, Embedding) and isinstance(b, Embedding):
             return embedding_cross(a, b, chunk_bytes)
+        if isinstance(a, Conv) and isinstance(b, Conv) and a.groups == b.groups == 1:
+            return linear_cross(a.as_linear(), b.as_linear(), chunk_bytes)
         return _rows(a.materialise(chunk_bytes)) @ _rows(b.materialise(chunk_bytes)).T
     return _leaf_rows(regions_a, shape, chunk_bytes) @ _leaf_rows(regions_b, shape, chunk_bytes).T
 

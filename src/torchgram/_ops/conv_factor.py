@@ -30,6 +30,7 @@ from torchgram._factors import (
     DEFAULT_CHUNK_BYTES,
     Dense,
     Factor,
+    Linear,
     common,
     ghost_cost,
     ghost_from_similarity,
@@ -89,6 +90,16 @@ class Conv:
             return torch.cat(blocks, dim=-1).transpose(-1, -2).reshape(K, B, -1, c_in, *self.kernel)
         (g,) = (self._grouped_blocks if kernel == "grouped" else self._blocks)(None)
         return g.reshape(K, B, -1, c_in, *self.kernel)
+
+    def as_linear(self) -> Linear:
+        """The same gradients as a linear map of the unfolded patches (G = 1): activations
+        ``[B, T, C_in * prod(kernel)]``, cotangents ``[K, B, T, C_out]``, ``T = N * prod(out)``
+        tokens. What a cross-Gramian of two batches reads (``torchgram._assemble_cross``)."""
+        K, B, _, C_out = self.dy.shape[:4]
+        patches = self._channel_patches().transpose(1, 2)  # [B, T, d]
+        D = self.dy.movedim(3, -1).reshape(K, B, -1, C_out)
+        index = None if self.index is None else self.index.reshape(C_out, -1)
+        return Linear(index, patches, D)
 
     def weighted(self, weights: Tensor) -> Tensor:
         """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution."""
