@@ -24,6 +24,7 @@ parameters to the others at the start, is done here with ``broadcast``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -109,4 +110,9 @@ if __name__ == "__main__":
     if arguments.out and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, arguments.out)
     if dist.is_initialized():
+        # Free what the collectives used before leaving the group: freed during interpreter
+        # shutdown instead, torch 2.13's gloo aborts the process now and then.
+        del result
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()

@@ -5,7 +5,9 @@ on every rank."""
 from __future__ import annotations
 
 import functools
+import gc
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -35,13 +37,22 @@ def _weights(total: int) -> torch.Tensor:
     return torch.linspace(0.5, 1.5, total, dtype=torch.float64)
 
 
-def _init(rank: int, world: int, init_file: str) -> None:
+def _init(rank: int, world: int, address: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
 
 
-def _results_worker(rank: int, world: int, init_file: str, out_dir: str, sizes: list[int]):
-    _init(rank, world, init_file)
+def _finish() -> None:
+    """Leave the group as docs/scaling.md advises: collect garbage first, so that no tensor or
+    process group of a collective is freed during interpreter shutdown (torch 2.13's gloo then
+    aborts the process now and then), and leave together."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _results_worker(rank: int, world: int, address: str, out_dir: str, sizes: list[int]):
+    _init(rank, world, address)
     offset, size = sum(sizes[:rank]), sizes[rank]
     results = {}
     group = dist.group.WORLD
@@ -63,13 +74,19 @@ def _results_worker(rank: int, world: int, init_file: str, out_dir: str, sizes: 
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     if world == 2:  # the refusals, in the same processes (each start of processes costs seconds)
         Path(out_dir, f"errors{rank}.txt").write_text("\n".join(_errors(rank)))
-    dist.destroy_process_group()
+    _finish()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _spawn(worker, world: int, tmp_path: Path, *args) -> None:
-    init_file = tmp_path / "init"
+    address = f"tcp://127.0.0.1:{_free_port()}"
     mp.start_processes(
-        worker, args=(world, str(init_file), str(tmp_path), *args), nprocs=world, join=True,
+        worker, args=(world, address, str(tmp_path), *args), nprocs=world, join=True,
         start_method="spawn",
     )  # fmt: skip
 
