@@ -18,7 +18,7 @@ from zoo import cases
 
 import torchgram
 
-MODELS = ("mlp", "cnn", "transformer")
+MODELS = ("mlp", "cnn", "transformer", "conv1d_embedding")  # the last sends integer tokens
 
 
 def _global_batch(name: str, total: int) -> tuple[torch.Tensor, ...]:
@@ -27,6 +27,11 @@ def _global_batch(name: str, total: int) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(1)
     out = []
     for a in case.args:
+        if not a.is_floating_point():  # tokens
+            out.append(
+                torch.randint(0, int(a.max()) + 1, (total, *a.shape[1:]), generator=generator)
+            )
+            continue
         copies = math.ceil(total / a.shape[0])
         noise = torch.randn(copies * a.shape[0], *a.shape[1:], generator=generator, dtype=a.dtype)
         out.append((a.repeat(copies, *[1] * (a.dim() - 1)) + 0.3 * noise)[:total])

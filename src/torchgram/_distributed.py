@@ -35,7 +35,10 @@ from torchgram._shapes import generalize
 
 Tensor = torch.Tensor
 
-_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32]
+_DTYPES = [
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool,
+]  # fmt: skip
 
 
 class RankFailed(RuntimeError):
@@ -71,7 +74,7 @@ def agree(
     fingerprint = 0 if run is None else _fingerprint(run)
     size = 0 if run is None else run.out.shape[run.batch_dim]  # type: ignore[index]
     mine = torch.tensor([int(error is not None), fingerprint, size], dtype=torch.int64)
-    mine = mine.to(_device(run))
+    mine = mine.to(_collective_device(group))
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
     table = torch.stack(everyone).cpu().tolist()
@@ -102,8 +105,12 @@ def _fingerprint(run: Linearised) -> int:
     return zlib.crc32(text.encode())
 
 
-def _device(run: Linearised | None) -> torch.device:
-    return run.out.device if run is not None else torch.device("cpu")
+def _collective_device(group: Any) -> torch.device:
+    """Where the tensors of a collective must live: the current GPU for NCCL, else the CPU
+    (also on a rank that has no tensor of its own to tell by, e.g. after fn raised)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def shard(
@@ -261,7 +268,7 @@ def _broadcast_factors(
     """Rank ``source``'s factors on every rank (``local`` is this rank's, the template; ``rows``
     its rows, ``K * B``)."""
     rank = dist.get_rank(group)
-    device = _factor_device(local)
+    device = _collective_device(group)
     if rank == source:
         forms = [_wire_form(factor, rows, params[leaf]) for leaf, factor in local]
         header = _header(forms)
@@ -281,13 +288,6 @@ def _broadcast_factors(
     if rank == source:
         return list(local)
     return _unpack(local, specs, buffers)
-
-
-def _factor_device(local: Sequence[tuple[int, Factor]]) -> torch.device:
-    for _, factor in local:
-        for f in _tensor_fields(factor):
-            return getattr(factor, f.name).device
-    return torch.device("cpu")
 
 
 def _header(forms: list[tuple[bool, list[Tensor]]]) -> list[int]:
@@ -345,14 +345,17 @@ def _unpack(
     starts = dict.fromkeys(buffers, 0)
     out: list[tuple[int, Factor]] = []
     for (leaf, template), (dense, tensors) in zip(local, specs, strict=True):
+        fields = _tensor_fields(template)
+        device = getattr(template, fields[0].name).device if fields else None
         values = []
         for dtype, shape in tensors:
             n = int(torch.Size(shape).numel())
-            values.append(buffers[dtype][starts[dtype] : starts[dtype] + n].view(shape))
+            value = buffers[dtype][starts[dtype] : starts[dtype] + n].view(shape)
+            values.append(value if device is None else value.to(device))
             starts[dtype] += n
         if dense:
             out.append((leaf, Dense(template.index, values[0])))
         else:
-            fields = {f.name: v for f, v in zip(_tensor_fields(template), values, strict=True)}
-            out.append((leaf, dataclasses.replace(template, **fields)))  # type: ignore[type-var]
+            named = {f.name: v for f, v in zip(fields, values, strict=True)}
+            out.append((leaf, dataclasses.replace(template, **named)))  # type: ignore[type-var]
     return out
