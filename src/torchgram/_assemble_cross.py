@@ -27,7 +27,6 @@ from torchgram._factors import (
     Factor,
     Linear,
     cross_ghost,
-    per_sample_products,
     rows_per_chunk,
 )
 from torchgram._ops.conv_factor import Conv
@@ -122,10 +121,19 @@ def linear_cross(a: Linear, b: Linear, chunk_bytes: int) -> Tensor:
     parts = []
     for start in range(0, d_out, step):
         out = slice(start, start + step)
-        g_a = _rows(per_sample_products(a.D[..., out], a.A))
-        g_b = _rows(per_sample_products(b.D[..., out], b.A))
-        parts.append(g_a @ g_b.T)
-    return functools.reduce(operator.add, parts)
+        parts.append(_sample_major(a.D[..., out], a.A) @ _sample_major(b.D[..., out], b.A).T)
+    # rows (i, k) -> (k, i): a permutation of the small product, not of the gradients
+    G = functools.reduce(operator.add, parts).view(B_a, K_a, B_b, K_b)
+    return G.permute(1, 0, 3, 2).reshape(K_a * B_a, K_b * B_b)
+
+
+def _sample_major(D: Tensor, A: Tensor) -> Tensor:
+    """Per-sample gradients ``D[k, i]ᵀ A[i]`` as ``[B*K, e*d]``, rows ``(i, k)``: one ``bmm``
+    whose output needs no copy to be read as rows (``per_sample_products``' ``[K, B, ...]``
+    layout would)."""
+    K, B, T, e = D.shape
+    left = D.permute(1, 0, 3, 2).reshape(B, K * e, T)
+    return torch.bmm(left, A).view(B * K, -1)
 
 
 def embedding_cross(a: Embedding, b: Embedding, chunk_bytes: int) -> Tensor:
