@@ -11,6 +11,7 @@ import torch
 
 from torchgram._assemble_cross import cross_of_factors
 from torchgram._factors import DEFAULT_CHUNK_BYTES
+from torchgram._linearised import Linearised
 from torchgram._memo import Probes, remembered
 from torchgram._pytree import InDims, Inputs, normalize_argnums
 from torchgram._shapes import generalize_cross
@@ -169,6 +170,7 @@ def _cross_transform(
                 )
         inputs_a, run_a = _linearise(fn, args_a, numbers, in_dims, options, probes)
         inputs_b, run_b = _linearise(fn, args_b, numbers, in_dims, options, probes)
+        assert isinstance(run_a, Linearised) and isinstance(run_b, Linearised)  # no group here
         _check_same_params(inputs_a, inputs_b, caller)
         shape_a, shape_b = run_a.out.shape, run_b.out.shape
         _check_shapes(shape_a, shape_b, batch_dim, caller)

@@ -57,29 +57,20 @@ def _linearise(
     in_dims: InDims,
     options: Options,
     probes: Probes | None = None,
-) -> tuple[Inputs, Linearised]:
-    """Split the arguments and run fn under the tape: what every transform starts with.
+) -> tuple[Inputs, Linearised | Sharded]:
+    """Split the arguments and run fn under the tape: what every transform starts with (on this
+    rank's shard of the batch when ``options.group`` is set).
 
     ``probes``: the transform's memory of earlier probes (see ``torchgram._memo``).
     """
     if options.batch_dim is None:  # samples are not separated: in_dims play no part
         in_dims = None
 
-    inputs = split_inputs(args, argnums, in_dims, options.caller)
-    return inputs, linearise(fn, inputs, options, probes)
+    def local() -> tuple[Inputs, Linearised]:
+        inputs = split_inputs(args, argnums, in_dims, options.caller)
+        return inputs, linearise(fn, inputs, options, probes)
 
-
-def _linearise_shards(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    argnums: tuple[int, ...],
-    in_dims: InDims,
-    options: Options,
-    probes: Probes | None = None,
-) -> tuple[Inputs, Linearised | Sharded]:
-    """``_linearise``, on this rank's shard of the batch when ``options.group`` is set."""
-    run = functools.partial(_linearise, fn, args, argnums, in_dims, options, probes)
-    return run() if options.group is None else shard(run, options)
+    return local() if options.group is None else shard(local, options)
 
 
 def gramian_of(
@@ -183,7 +174,7 @@ def _gramian_transform(
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        _, run = _linearise_shards(fn, args, numbers, in_dims, options, probes)
+        _, run = _linearise(fn, args, numbers, in_dims, options, probes)
         G = run.gramian(release=True)  # no vjp follows
         return (G, run.aux) if options.has_aux else G
 
@@ -287,7 +278,7 @@ def vjp_and_gramian(
     """
     caller = f"vjp_and_gramian(fn, batch_dim={batch_dim})"
     options = _options(fn, caller, batch_dim, has_aux, check_samples, max_chunk_bytes, group)
-    inputs, run = _linearise_shards(fn, (params, *args), (0,), in_dims, options, remembered(fn))
+    inputs, run = _linearise(fn, (params, *args), (0,), in_dims, options, remembered(fn))
     out = run.out
 
     def vjp_fn(weights: Tensor) -> Any:
@@ -359,7 +350,7 @@ def jd_grad(
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
-        inputs, run = _linearise_shards(fn, args, numbers, in_dims, options, probes)
+        inputs, run = _linearise(fn, args, numbers, in_dims, options, probes)
         try:
             weights = _checked_weights(weighting(run.gramian()), run.out, caller)
         except Exception:
