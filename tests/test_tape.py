@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import _get_current_function_mode_stack
 
-from torchgram._tape import Tape
+from torchgram._tape import Tape, may_mention
 from torchgram._uses import ParamView
 
 
@@ -87,9 +87,10 @@ def test_parameters_inside_list_tuple_and_keyword_arguments_are_uses() -> None:
     assert [use.name for use in tape.uses] == ["cat", "cat", "stack", "einsum", "cat"]
 
 
-def test_may_use_params_sees_a_parameter_in_a_dict() -> None:
+def test_may_mention_sees_a_parameter_in_a_dict() -> None:
     w, x = torch.randn(2, 3), torch.randn(2, 3)
-    tape = Tape([w], None, "test", per_sample=False)
-    assert tape._may_use_params(([{"a": w}],), {})  # nested deeper than one level: flattened
-    assert tape._may_use_params(({"a": x},), {})  # a dict is always flattened to see
-    assert not tape._may_use_params(([x, x], (slice(None), 0, None, ...)), {"dim": 1})
+    ids = {id(w)}
+    assert may_mention(([{"a": w}],), {}, ids)  # nested deeper than one level: flattened
+    assert may_mention(({"a": x},), {}, ids)  # a dict is always flattened to see
+    assert may_mention((x,), {"weight": w}, ids)
+    assert not may_mention(([x, x], (slice(None), 0, None, ...)), {"dim": 1}, ids)

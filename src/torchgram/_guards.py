@@ -22,8 +22,9 @@ from types import FunctionType
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from torchgram._internals import is_wrapped, tracked
+from torchgram._internals import active_modes, is_wrapped, tracked
 from torchgram._ops.attention import is_attention
 from torchgram._ops.norm import (
     WEIGHTED_NORMS,
@@ -66,6 +67,23 @@ class NeedsTransform(Exception):
     """The plain-autograd run must be made under ``torch.func`` instead: an op is about to
     write into a tensor fn did not create in this run, or a parameter is used in a custom
     ``autograd.Function``'s forward where taps are made as the run goes."""
+
+
+class Watching(TorchFunctionMode):
+    """A mode that watches fn run (the tape, ``torchgram._watch.Watch``): one at a time."""
+
+    caller: str
+
+    def __enter__(self) -> Watching:
+        if any(isinstance(mode, Watching) and mode is not self for mode in active_modes()):
+            raise ValueError(
+                f"{self.caller}: fn calls torchgram itself (a Gramian, vjp or jd_grad inside "
+                "fn). The inner call's reverse pass runs outside the ops the outer call "
+                "records, so the outer Gramian would miss how the inner result depends on the "
+                "parameters. Compute the inner result outside fn and pass it in, or use "
+                "torch.func.jacrev for the outer Jacobian."
+            )
+        return super().__enter__()  # type: ignore[return-value]
 
 
 def restore(statistics: Sequence[tuple[Tensor, Tensor]]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from torchgram._assemble import gramian_of_factors, weighted_gradients
-from torchgram._factors import DEFAULT_CHUNK_BYTES, Factor
+from torchgram._factors import DEFAULT_CHUNK_BYTES, Dense, Factor
 from torchgram._ops import use_factors
 from torchgram._ops.generic import NoGenericRule
 from torchgram._shapes import generalize
@@ -42,6 +42,9 @@ class Linearised:
         statistics: Running statistics the run updated, with their values before it (to put
             back if the call then fails).
         caller: How to name the public call in error messages.
+        gradients: Each leaf's gradients ``[K, *leaf.shape]`` of the K rows, where the run
+            pulled the rows back to the parameters instead of the taps (then the records and
+            cotangents are empty, and these are the factors), else None.
     """
 
     out: Tensor
@@ -55,10 +58,13 @@ class Linearised:
     random: bool = False
     statistics: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     caller: str = "gramian"
+    gradients: list[Tensor] | None = None
 
     @functools.cached_property
     def contributions(self) -> list[tuple[int, Factor]]:
         """``(leaf, factor)`` for every parameter argument of every use (computed once)."""
+        if self.gradients is not None:
+            return [(leaf, Dense(None, g.unsqueeze(1))) for leaf, g in enumerate(self.gradients)]
         contributions = []
         for use in self.uses:
             cotangents = self.cotangents[use.first_tap : use.first_tap + len(use.tapped)]
@@ -86,7 +92,7 @@ class Linearised:
         contributions = self.contributions
         if release:
             del self.contributions
-            self.records, self.cotangents = [], []
+            self.records, self.cotangents, self.gradients = [], [], []
         flat = gramian_of_factors(
             contributions, self.params, self.out.numel(), self.chunk_bytes, release=release
         )

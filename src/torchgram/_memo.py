@@ -56,6 +56,10 @@ class Probed:
         apart: Whether the reverse pass pulls the rows back one at a time (else all at once):
             the faster on the first call, None before it was timed (see
             ``torchgram._reverse.pull_back``).
+        to_params: Whether later calls without ``batch_dim`` run fn without the tape and pull
+            the rows back to the parameters themselves (their gradients, one per row), rather
+            than to the taps: chosen on the first call where the rules would build each row's
+            gradient anyway (see ``torchgram._whole.gradients_pay``).
         looped: Whether fn runs sample by sample in a loop where it runs per sample, because
             ``vmap`` cannot run it (``vmap_error``: the first line of vmap's error).
     """
@@ -73,6 +77,7 @@ class Probed:
     looped: bool = False
     vmap_error: str = ""
     apart: bool | None = None
+    to_params: bool = False
 
 
 class Probes:

@@ -178,6 +178,15 @@ def may_make_taps(params: tuple[Tensor, ...]) -> bool:
     return not any(p.is_inference() for p in params)
 
 
+def plain_autograd(params: tuple[Tensor, ...]) -> bool:
+    """Whether a run can be plain autograd on copies of the parameters that require grad."""
+    return (
+        not inside_func_transform()
+        and not torch.is_inference_mode_enabled()
+        and may_make_taps(params)
+    )
+
+
 def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
     """Plain autograd with respect to taps that ``run(params) -> (out, aux, taps, shapes)`` makes
     as it goes: the gradient edges of use outputs (no op is added to fn), or leaves that require
@@ -190,8 +199,7 @@ def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
     torch's (not a ``torchgram._uses.TapeMismatch``) raises ``Unmade`` (the caller
     makes the run another way, which gives the result or the error)."""
     grad_enabled = torch.is_grad_enabled()
-    own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)
-    copies = tuple(c for c, p in zip(own, params, strict=True) if c is not p)
+    own, copies = _requiring_grad(params)
     try:
         with torch.enable_grad():
             out, aux, taps, shapes = run(own)
@@ -199,9 +207,31 @@ def linearise_made_taps(run: MadeRun, params: tuple[Tensor, ...]) -> Reverse:
         raise
     except RuntimeError as error:  # torch's (torchgram's own errors and fn's others propagate)
         raise Unmade from error
-    result = _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, copies)
+    made = tuple(tap for tap in taps if isinstance(tap, Tensor))
+    result = _autograd_reverse(out, aux, tuple(taps), shapes, grad_enabled, made + copies)
     result.made = True
     return result
+
+
+def linearise_params(
+    run: Callable[[tuple[Tensor, ...]], tuple[Tensor, Any]], params: tuple[Tensor, ...]
+) -> Reverse:
+    """Plain autograd with respect to the parameters themselves: ``run(params) -> (out, aux)``
+    on ``params`` made to require grad (copies of those that do not), no tape. Its pull gives
+    each leaf's gradients of the rows. Only outside ``torch.func`` transforms
+    (``plain_autograd``)."""
+    grad_enabled = torch.is_grad_enabled()
+    own, copies = _requiring_grad(params)
+    with torch.enable_grad():
+        out, aux = run(own)
+    shapes = [(p.shape, p.dtype, p.device) for p in own]
+    return _autograd_reverse(out, aux, own, shapes, grad_enabled, copies)
+
+
+def _requiring_grad(params: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """``params`` with copies (that require grad) of those that do not, and those copies."""
+    own = tuple(p.detach().requires_grad_() if not p.requires_grad else p for p in params)
+    return own, tuple(c for c, p in zip(own, params, strict=True) if c is not p)
 
 
 def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
@@ -210,7 +240,7 @@ def _by_autograd(run: Run, taps: tuple[Tensor, ...]) -> Reverse:
     with torch.enable_grad():
         out, aux = run(leaves, True)
     shapes = [(leaf.shape, leaf.dtype, leaf.device) for leaf in leaves]
-    return _autograd_reverse(out, aux, leaves, shapes, grad_enabled)
+    return _autograd_reverse(out, aux, leaves, shapes, grad_enabled, leaves)
 
 
 def _autograd_reverse(
@@ -219,12 +249,12 @@ def _autograd_reverse(
     taps: tuple[Tap, ...],
     shapes: list[TapShape],
     grad_enabled: bool,
-    copies: tuple[Tensor, ...] = (),
+    own: tuple[Tensor, ...],
 ) -> Reverse:
-    """The reverse pass of a plain autograd run of fn with respect to the taps (``copies``:
-    leaves the run made to require grad besides them)."""
-    leaves = tuple(tap for tap in taps if isinstance(tap, Tensor)) + copies
-    differentiable = grad_enabled and _needs_grad_beyond([out], leaves)
+    """The reverse pass of a plain autograd run of fn with respect to the taps (``own``: the
+    leaves the run made to require grad; a graph reaching any other makes the result
+    differentiable)."""
+    differentiable = grad_enabled and _needs_grad_beyond([out], own)
 
     def zeros(lead: tuple[int, ...], shape: TapShape) -> Tensor:
         size, dtype, device = shape

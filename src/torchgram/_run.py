@@ -12,7 +12,9 @@ How often fn runs, per call:
 
 - without ``batch_dim``: once, outside ``torch.func`` transforms. Inside one (or where fn calls a
   custom ``autograd.Function``, or its parameters were made under inference mode), the first
-  call on a signature runs a shape-only probe first, and the two outputs must agree.
+  call on a signature runs a shape-only probe first, and the two outputs must agree. Where the
+  first call finds that the rules would build each row's gradient anyway, later calls run fn
+  without the tape and pull the rows back to the parameters (``torchgram._whole``).
 - with ``batch_dim``: the first call on a signature runs the probe (on one sample), then the
   batched run and the run it is checked against, or, where the batched run does not apply, the
   vmapped (or looped) run and fn on the whole batch (the sample check). Every output must agree
@@ -43,7 +45,7 @@ from torchgram._per_sample import (
 )
 from torchgram._probe import probe
 from torchgram._pytree import Inputs
-from torchgram._reverse import Unmade, inside_func_transform, may_make_taps
+from torchgram._reverse import Unmade, plain_autograd
 from torchgram._samples import (
     Draws,
     agree,
@@ -54,7 +56,7 @@ from torchgram._samples import (
     without_dropout,
 )
 from torchgram._uses import TapeMismatch
-from torchgram._whole import linearise_whole
+from torchgram._whole import gradients_pay, linearise_to_params, linearise_whole
 
 Tensor = torch.Tensor
 
@@ -77,7 +79,7 @@ def linearise(
             probes.keep(key, remembered)  # type: ignore[union-attr]
             return result
     if options.batch_dim is None:
-        result, probed = _first_whole(fn, inputs, options)
+        result, probed = _first_whole(fn, inputs, options, probes is not None)
     else:
         result, probed = _first_per_sample(fn, inputs, options, probes is not None)
     if probes is not None:
@@ -88,6 +90,11 @@ def linearise(
 def _again(fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed) -> Linearised:
     """A call on a signature whose first call chose the run."""
     if options.batch_dim is None:
+        if probed.to_params and not probed.custom_function and plain_autograd(inputs.params):
+            try:
+                return linearise_to_params(fn, inputs, options)
+            except NeedsTransform:  # a write into a tensor fn did not create: the taps' way
+                probed.to_params = False  # refuses it, or lets it through where it may
         return linearise_whole(fn, inputs, options, probed)[0]
     batch = batch_size(inputs, options)
     if probed.batched and _may_batch(options, inputs, probed, batch):
@@ -98,13 +105,16 @@ def _again(fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Pro
 
 
 def _first_whole(
-    fn: Callable[..., Any], inputs: Inputs, options: Options
+    fn: Callable[..., Any], inputs: Inputs, options: Options, remember: bool
 ) -> tuple[Linearised, Probed]:
     """The first call without ``batch_dim``: one run where plain autograd can make the taps as
-    it goes, else a probe and the run (whose outputs must agree)."""
-    if _plain_autograd(inputs):
+    it goes, else a probe and the run (whose outputs must agree). ``remember``: also choose
+    where later calls pull the rows back to (see ``torchgram._whole.gradients_pay``)."""
+    if plain_autograd(inputs.params):
         try:
-            return linearise_whole(fn, inputs, options, None)
+            result, probed = linearise_whole(fn, inputs, options, None)
+            probed.to_params = remember and gradients_pay(result)
+            return result, probed
         except NeedsTransform:  # made again under torch.func, which refuses a write if need be
             functional = True
         except Unmade:  # e.g. data made under inference mode: leaf taps instead
@@ -122,15 +132,6 @@ def _first_whole(
             restore(result.statistics)
             raise
     return result, probed
-
-
-def _plain_autograd(inputs: Inputs) -> bool:
-    """Whether the run can be plain autograd on copies of the parameters that require grad."""
-    return (
-        not inside_func_transform()
-        and not torch.is_inference_mode_enabled()
-        and may_make_taps(inputs.params)
-    )
 
 
 def _first_per_sample(
@@ -264,7 +265,7 @@ def _may_batch(options: Options, inputs: Inputs, probed: Probed, batch: int) -> 
         and not options.has_aux
         and not probed.custom_function  # plain autograd would not see it as the probe did
         and (options.check_samples or probed.samples_checked)
-        and _plain_autograd(inputs)
+        and plain_autograd(inputs.params)
     )
 
 

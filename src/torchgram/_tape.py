@@ -29,11 +29,9 @@ from typing import Any
 import optree
 import torch
 from torch.autograd.graph import GradientEdge
-from torch.overrides import TorchFunctionMode
 
-from torchgram._guards import Guard, NeedsTransform
+from torchgram._guards import Guard, NeedsTransform, Watching
 from torchgram._internals import (
-    active_modes,
     dispatches,
     edge,
     in_custom_function,
@@ -87,7 +85,27 @@ def _tap_meta(value: Tensor) -> TapShape:
     return value.shape, value.dtype, value.device
 
 
-class Tape(TorchFunctionMode):
+def may_mention(args: Sequence[Any], kwargs: dict[str, Any], ids: Any) -> bool:
+    """False when no argument is a tensor whose id is in ``ids`` (a parameter or a view of
+    one), seen without flattening: most ops take flat arguments, or a list of tensors (``cat``)
+    or a tuple of slices (``x[:, :4]``), and this check runs on every op fn calls."""
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, Tensor):
+            if id(value) in ids:
+                return True
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, Tensor):
+                    if id(item) in ids:
+                        return True
+                elif type(item) not in _FLAT_ITEMS:
+                    return True  # nested deeper: flatten to see
+        elif isinstance(value, dict):
+            return True
+    return False
+
+
+class Tape(Watching):
     """Records the uses of ``params`` while active; see the module docstring.
 
     Args:
@@ -181,14 +199,6 @@ class Tape(TorchFunctionMode):
         return self.guard.random
 
     def __enter__(self) -> Tape:
-        if any(isinstance(mode, Tape) and mode is not self for mode in active_modes()):
-            raise ValueError(
-                f"{self.caller}: fn calls torchgram itself (a Gramian, vjp or jd_grad inside "
-                "fn). The inner call's reverse pass runs outside the ops the outer call "
-                "records, so the outer Gramian would miss how the inner result depends on the "
-                "parameters. Compute the inner result outside fn and pass it in, or use "
-                "torch.func.jacrev for the outer Jacobian."
-            )
         self._level = level()  # the torch.func level fn runs at (its own transforms go deeper)
         return super().__enter__()  # type: ignore[return-value]
 
@@ -222,7 +232,7 @@ class Tape(TorchFunctionMode):
         if name in RNN_OPS and not kwargs:
             with self:
                 return run_recurrent(name, args, self.caller)
-        if not self._may_use_params(args, kwargs):  # most ops
+        if not may_mention(args, kwargs, self._views):  # most ops
             return func(*args, **kwargs)
         views = self._views
         leaves: list[Any]
@@ -274,26 +284,6 @@ class Tape(TorchFunctionMode):
                 out = torch.nn.functional.linear(x, weight)
                 return out + bias.to(out.dtype)
         return func(*args, **kwargs)
-
-    def _may_use_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-        """False when no argument is a parameter (view), seen without flattening: most ops take
-        flat arguments, or a list of tensors (``cat``) or a tuple of slices (``x[:, :4]``), and
-        this check runs on every op fn calls."""
-        views = self._views
-        for value in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(value, Tensor):
-                if id(value) in views:
-                    return True
-            elif isinstance(value, (list, tuple)):
-                for item in value:
-                    if isinstance(item, Tensor):
-                        if id(item) in views:
-                            return True
-                    elif type(item) not in _FLAT_ITEMS:
-                        return True  # nested deeper: flatten to see
-            elif isinstance(value, dict):
-                return True
-        return False
 
     def _record(
         self, func: Callable[..., Any], leaves: list[Any], spec: Any, slots: list[int], out: Any

@@ -17,6 +17,7 @@ from typing import Any
 import optree
 import torch
 
+from torchgram._factors import Linear, ghost_cost, materialised_cost, use_ghost
 from torchgram._linearised import Linearised, Options
 from torchgram._memo import Probed
 from torchgram._probe import check_taps, refuse_mutation, split_output
@@ -25,12 +26,14 @@ from torchgram._reverse import (
     Reverse,
     Tap,
     linearise_made_taps,
+    linearise_params,
     linearise_taps,
     pull_back,
     transform_active,
 )
 from torchgram._tape import Tape
 from torchgram._uses import TapShape
+from torchgram._watch import Watch
 
 Tensor = torch.Tensor
 
@@ -68,13 +71,8 @@ def linearise_whole(
                 inputs.call(fn, inputs.data, params), options.has_aux, options.caller
             )
         out = tape.output(out)
-        if params is not None and options.has_aux:  # the caller's parameters, not the copies
-            originals = {id(c): p for c, p in zip(params, inputs.params, strict=True)}
-            aux = optree.tree_map(
-                lambda x: originals.get(id(x), x) if isinstance(x, Tensor) else x,
-                aux,
-                none_is_leaf=True,
-            )
+        if params is not None and options.has_aux:
+            aux = _originals(aux, params, inputs.params)
         return out, (tuple(tape.records), box.pack(aux))
 
     def made(params: tuple[Tensor, ...]) -> tuple[Tensor, Any, list[Tap], list[TapShape]]:
@@ -115,6 +113,75 @@ def linearise_whole(
         caller=options.caller,
     )
     return linearised, probed
+
+
+def _originals(aux: Any, copies: tuple[Tensor, ...], params: tuple[Tensor, ...]) -> Any:
+    """``aux`` with the caller's parameters in place of the copies a run made of them."""
+    originals = {id(c): p for c, p in zip(copies, params, strict=True)}
+    return optree.tree_map(
+        lambda x: originals.get(id(x), x) if isinstance(x, Tensor) else x, aux, none_is_leaf=True
+    )
+
+
+def linearise_to_params(fn: Callable[..., Any], inputs: Inputs, options: Options) -> Linearised:
+    """fn on ``inputs`` without the tape, its rows pulled back to the parameters one at a time
+    (plain autograd; see ``gradients_pay`` for where it pays): each leaf's gradients of the rows
+    are its factor. One row at a time holds one row's cotangents of fn's activations, not K,
+    and needs no ``vmap`` of any backward formula. Only outside ``torch.func`` transforms
+    (``torchgram._reverse.plain_autograd``)."""
+    box = _Aux()
+
+    def run(params: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+        watch = Watch(inputs.params, params, options.caller)
+        with watch:
+            call = inputs.call(fn, inputs.data, params)
+            out, aux = split_output(call, options.has_aux, options.caller)
+        out = watch.copy(out)
+        return out, box.pack(_originals(aux, params, inputs.params) if options.has_aux else aux)
+
+    reverse = linearise_params(run, inputs.params)
+    out = reverse.out
+    gradients = pull_back(reverse, out.shape, apart=True)[0] if out.numel() else []
+    return Linearised(
+        out,
+        box.unpack(reverse.aux),
+        [],
+        [],
+        [],
+        inputs.params,
+        None,
+        options.chunk_bytes,
+        caller=options.caller,
+        gradients=gradients,
+    )
+
+
+def gradients_pay(run: Linearised) -> bool:
+    """Whether later calls on the signature of ``run`` (a plain autograd run with made taps)
+    should pull the rows back to the parameters (``linearise_to_params``) instead of the taps.
+
+    Both ways pull every row back through fn. To the taps, the rules then build each row's
+    gradient of a linear map (``K * T * d_in * d_out`` multiply-adds for ``T`` tokens), unless
+    the ghost form is cheaper; to the parameters, autograd's backward builds the same gradients
+    itself, without the tape (a recurrent op then runs fused, not step by step) and without a
+    rule's per-use cost. So it pays where the ghost form saves less than half of the linear
+    maps' work, and where the rows' gradients (``K`` times the parameters) take no more memory
+    than the taps' cotangents and one chunk (``max_chunk_bytes``), which the pull-back to the
+    taps holds.
+    """
+    rows = run.out.numel()
+    gradients = rows * sum(p.numel() * p.element_size() for p in run.params)
+    held = sum(c.numel() * c.element_size() for c in run.cotangents) + run.chunk_bytes
+    if not rows or gradients > held:
+        return False
+    materialised = saved = 0
+    for _, factor in run.contributions:
+        if isinstance(factor, Linear):
+            cost = materialised_cost(factor.A.shape, factor.D.shape)
+            materialised += cost
+            if use_ghost(factor.A.shape, factor.D.shape):
+                saved += max(0, cost - ghost_cost(factor.A.shape, factor.D.shape))
+    return 2 * saved <= materialised
 
 
 def _learned(tape: Tape, out: Tensor, records: tuple[Tensor, ...]) -> Probed:
