@@ -64,16 +64,18 @@ def check_group(group: Any, batch_dim: int | None, caller: str) -> None:
 
 def agree(
     error: BaseException | None, run: Linearised | None, group: Any, caller: str
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[int], list[int], bool]:
     """Tell every rank whether each rank's run succeeded, and check that the ranks used the same
-    parameters and output shapes; return the shard sizes and their offsets.
+    parameters and output shapes; return the shard sizes, their offsets, and whether the ranks'
+    runs made factors of the same structure (see ``_structure``).
 
     Raises on every rank when one failed (the failing rank re-raises its own error).
     """
     world = dist.get_world_size(group)
     fingerprint = 0 if run is None else _fingerprint(run)
     size = 0 if run is None else run.out.shape[run.batch_dim]  # type: ignore[index]
-    mine = torch.tensor([int(error is not None), fingerprint, size], dtype=torch.int64)
+    structure = 0 if run is None else _structure(run)
+    mine = torch.tensor([int(error is not None), fingerprint, size, structure], dtype=torch.int64)
     mine = mine.to(_collective_device(group))
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
@@ -95,7 +97,7 @@ def agree(
         )
     sizes = [row[2] for row in table]
     offsets = [sum(sizes[:rank]) for rank in range(world)]
-    return sizes, offsets
+    return sizes, offsets, len({row[3] for row in table if row[2]}) <= 1
 
 
 def _fingerprint(run: Linearised) -> int:
@@ -103,6 +105,39 @@ def _fingerprint(run: Linearised) -> int:
     out = [s for d, s in enumerate(run.out.shape) if d != b]
     text = repr(([(tuple(p.shape), str(p.dtype)) for p in run.params], out, b))
     return zlib.crc32(text.encode())
+
+
+def _structure(run: Linearised) -> int:
+    """A fingerprint of the run's factors: leaf, kind and region of each. A receiver takes what
+    is not sent (regions, sizes, strides) from its own factors, so every rank's must have the
+    same structure; a rank's run may differ from the others' (a shard of one sample runs under
+    vmap, larger ones on the whole batch), and then each leaf goes as one ``Dense``."""
+    if not run.out.numel():
+        return 0
+    text = repr(
+        [
+            (leaf, type(factor).__name__, None if factor.index is None else factor.index.shape)
+            for leaf, factor in run.contributions
+        ]
+    )
+    return zlib.crc32(text.encode())
+
+
+def _per_leaf(run: Linearised) -> list[tuple[int, Factor]]:
+    """Each leaf's per-sample gradients as one ``Dense`` factor: the same structure on every
+    rank, whatever factors its run made."""
+    b = run.batch_dim
+    assert b is not None
+    B = run.out.shape[b]
+    K = run.out.numel() // B
+    grads = [p.new_zeros(K, B, p.numel()) for p in run.params]
+    for leaf, factor in run.contributions:
+        g = factor.materialise(run.chunk_bytes).reshape(K, B, -1)
+        if factor.index is None:
+            grads[leaf] += g
+        else:
+            grads[leaf].index_add_(2, factor.index.reshape(-1).to(g.device), g)
+    return [(leaf, Dense(None, g)) for leaf, g in enumerate(grads)]
 
 
 def _collective_device(group: Any) -> torch.device:
@@ -127,8 +162,8 @@ def shard(
     except Exception as error:
         agree(error, None, group, caller)
         raise
-    sizes, offsets = agree(None, run, group, caller)
-    return inputs, Sharded(run, sizes, offsets, group)
+    sizes, offsets, uniform = agree(None, run, group, caller)
+    return inputs, Sharded(run, sizes, offsets, group, uniform)
 
 
 def refuse_transforms(params: Sequence[Tensor], caller: str) -> None:
@@ -140,14 +175,15 @@ def refuse_transforms(params: Sequence[Tensor], caller: str) -> None:
         )
 
 
-def global_gramian(run: Linearised, sizes: list[int], group: Any) -> Tensor:
-    """The generalized Gramian of the global batch (shards in rank order), on every rank."""
+def global_gramian(run: Linearised, sizes: list[int], group: Any, uniform: bool = True) -> Tensor:
+    """The generalized Gramian of the global batch (shards in rank order), on every rank
+    (``uniform``: the ranks' factors have the same structure, else each leaf is sent whole)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     b = run.batch_dim
     assert b is not None
     K = torch.Size([s for d, s in enumerate(run.out.shape) if d != b]).numel()
     total = sum(sizes)
-    local = run.contributions if run.out.numel() else []
+    local = (run.contributions if uniform else _per_leaf(run)) if run.out.numel() else []
     blocks = []
     for source in range(world):
         if source == rank:
@@ -182,6 +218,7 @@ class Sharded:
     sizes: list[int]
     offsets: list[int]
     group: Any
+    uniform: bool = True
 
     @property
     def aux(self) -> Any:
@@ -196,7 +233,7 @@ class Sharded:
         return global_out(self.run, self.sizes, self.group)
 
     def gramian(self, release: bool = False) -> Tensor:
-        return global_gramian(self.run, self.sizes, self.group)
+        return global_gramian(self.run, self.sizes, self.group, self.uniform)
 
     def vjp(self, weights: Tensor) -> list[Tensor]:
         return global_vjp(self.run, weights, self.offsets, self.group)
