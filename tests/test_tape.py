@@ -7,8 +7,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import _get_current_function_mode_stack
 
-from torchgram._tape import Tape, may_mention
-from torchgram._uses import ParamView
+from torchgram._tape import Tape
+from torchgram._uses import ParamView, may_mention
 
 
 def _record(fn, params, *args):

@@ -6,9 +6,10 @@ op, which is most of a small model's call. The batched run takes the one-sample 
 learned and finds, for every tap and every recorded input, the one dimension where the batch's
 shape has ``B`` times the sample's (1 there, or more where samples are merged with another
 dimension). The rules then see the same ``[B, *one]`` records and
-``[K, B, *one]`` cotangents as after vmap (views, no copy). Where any shape does not fit (a tap
-without samples that the run could not give them, samples merged inside another dimension), the
-run is made again under vmap.
+``[K, B, *one]`` cotangents as after vmap (views, no copy). Merged samples may be the merged
+dimension's outer factor (``x.view(-1, d)`` of ``[B, T, d]``) or its inner one (``[T * B, d]``);
+the first call tells which from the vmapped run's records. Where any shape does not fit (a tap
+without samples that the run could not give them), the run is made again under vmap.
 """
 
 from __future__ import annotations
@@ -38,11 +39,21 @@ def sample_dim(shape: torch.Size, one: torch.Size, batch: int) -> int | None:
     return None
 
 
-def as_stacked(x: Tensor, dim: int, lead: int, batch: int) -> Tensor:
+def as_stacked(x: Tensor, dim: int, lead: int, batch: int, inner: bool = False) -> Tensor:
     """``x`` with its samples at ``lead + dim`` -> the samples at ``lead``, then one sample's shape
     (its batch of one kept at ``lead + 1 + dim``, or the rest of a merged dimension there), as
-    vmap stacks them. ``dim`` may be SHARED."""
+    vmap stacks them. ``dim`` may be SHARED. ``inner``: the samples are the inner factor of a
+    merged dimension (``[T * B, d]`` of ``[T, B, d]``, as ``nn.MultiheadAttention`` gives its
+    output projection), not the outer one."""
     if dim == SHARED:
         return x.unsqueeze(lead).expand(*x.shape[:lead], batch, *x.shape[lead:])
-    x = x.unflatten(lead + dim, (batch, x.shape[lead + dim] // batch))
-    return x.movedim(lead + dim, lead)
+    rest = x.shape[lead + dim] // batch
+    if inner:
+        return x.unflatten(lead + dim, (rest, batch)).movedim(lead + dim + 1, lead)
+    return x.unflatten(lead + dim, (batch, rest)).movedim(lead + dim, lead)
+
+
+def merged(x: Tensor, dim: int, batch: int) -> bool:
+    """Whether the samples of ``x`` (at ``dim``, see ``sample_dim``) are merged with another
+    dimension, so that they may be its outer or its inner factor."""
+    return dim != SHARED and x.shape[dim] != batch

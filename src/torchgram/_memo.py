@@ -60,6 +60,8 @@ class Probed:
             the rows back to the parameters themselves (their gradients, one per row), rather
             than to the taps: chosen on the first call where the rules would build each row's
             gradient anyway (see ``torchgram._whole.gradients_pay``).
+        inner: Positions of the batched run's records whose samples are the inner factor of a
+            merged dimension (see ``torchgram._batched.as_stacked``), learned on its first call.
         looped: Whether fn runs sample by sample in a loop where it runs per sample, because
             ``vmap`` cannot run it (``vmap_error``: the first line of vmap's error).
     """
@@ -78,6 +80,7 @@ class Probed:
     vmap_error: str = ""
     apart: bool | None = None
     to_params: bool = False
+    inner: frozenset[int] = frozenset()
 
 
 class Probes:

@@ -21,12 +21,13 @@ import optree
 import torch
 from torch.func import vmap
 
-from torchgram._batched import SHARED, as_stacked, sample_dim
+from torchgram._batched import SHARED, as_stacked, merged, sample_dim
 from torchgram._linearised import Linearised, Options
 from torchgram._memo import Probed
 from torchgram._probe import check_taps, refuse_mutation, split_output
 from torchgram._pytree import Inputs
 from torchgram._reverse import Tap, linearise_made_taps, linearise_taps, pull_back
+from torchgram._samples import agree
 from torchgram._tape import Tape
 from torchgram._uses import TapShape
 from torchgram._whole import _Aux, _zero_taps, linearise_whole, pull_rows
@@ -183,10 +184,13 @@ def linearise_batched(
     probed: Probed,
     batch: int,
     random: bool,
+    reference: Linearised | None = None,
 ) -> Linearised | None:
     """fn on the whole batch without vmap; None where that cannot stand in for the vmapped run
     (then it is made another way, which gives the result or the error). ``random``: whether fn
-    may draw random numbers (where the batched run was checked to draw what the others do)."""
+    may draw random numbers (where the batched run was checked to draw what the others do).
+    ``reference``: the vmapped (or looped) run of the first call, whose records tell where
+    merged samples are the inner factor (``probed.inner``)."""
     b = check_output(probed.shape, options)
     several = probed.shape.numel() > 1  # attention's kernel must be one vmap can batch
     tape = Tape(
@@ -216,6 +220,14 @@ def linearise_batched(
         return None
     if tap_dims is None or SHARED in tap_dims or record_dims is None:
         return None  # a tap without samples would need one tap per sample: vmap's
+    if reference is not None:
+        probed.inner = _inner(records, record_dims, reference.records, batch)
+    inner_taps = {
+        tap
+        for use in tape.uses
+        if any(use.leaves[slot].record in probed.inner for slot in use.data)
+        for tap in range(use.first_tap, use.first_tap + len(use.tapped))
+    }
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents: list[Tensor] = []
     if shapes:  # plain autograd: exact all at once
@@ -224,14 +236,41 @@ def linearise_batched(
         out,
         None,
         tape.uses,
-        [as_stacked(r, d, 0, batch) for r, d in zip(records, record_dims, strict=True)],
-        [as_stacked(c, d, 1, batch) for c, d in zip(cotangents, tap_dims, strict=True)],
+        [
+            as_stacked(r, d, 0, batch, i in probed.inner)
+            for i, (r, d) in enumerate(zip(records, record_dims, strict=True))
+        ],
+        [
+            as_stacked(c, d, 1, batch, i in inner_taps)
+            for i, (c, d) in enumerate(zip(cotangents, tap_dims, strict=True))
+        ],
         inputs.params,
         b,
         options.chunk_bytes,
         random=tape.random,
         caller=options.caller,
     )
+
+
+def _inner(
+    records: tuple[Tensor, ...], dims: list[int], reference: list[Tensor], batch: int
+) -> frozenset[int]:
+    """The records whose merged samples are the inner factor: those that equal the reference
+    run's (``[B, *one]``) laid out so, and not as the outer factor. A use's output taps follow
+    its records. The rows of the run are checked after, whatever this finds."""
+    inner = set()
+    for i, (record, dim, expected) in enumerate(zip(records, dims, reference, strict=True)):
+        if not merged(record, dim, batch) or _same(as_stacked(record, dim, 0, batch), expected):
+            continue
+        if _same(as_stacked(record, dim, 0, batch, inner=True), expected):
+            inner.add(i)
+    return frozenset(inner)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    return agree(a, b) if b.is_floating_point() else torch.equal(a, b)
 
 
 def _sample_dims(shapes: list[torch.Size], ones: list[torch.Size], batch: int) -> list[int] | None:

@@ -156,7 +156,7 @@ def _first_per_sample(
         batched = None
         if _may_batch(options, inputs, probed, batch):
             start.replay()
-            batched = linearise_batched(fn, inputs, options, probed, batch, True)
+            batched = linearise_batched(fn, inputs, options, probed, batch, True, reference)
             probed.batched = batched is not None
         if batched is not None:
             chosen = _verified(batched, reference, probed, options)

@@ -43,12 +43,14 @@ from torchgram._ops.attention import is_attention, math_kernel
 from torchgram._ops.recurrent import RNN_OPS, run_recurrent
 from torchgram._ops.registered import rule_for
 from torchgram._uses import (
+    SCALARS,
     DataRef,
     ParamView,
     TapeMismatch,
     TapShape,
     Use,
     differentiable,
+    may_mention,
     op_name,
 )
 from torchgram._views import CASTS, VIEW_OPS, follow_view, only_tensor, same_value
@@ -62,11 +64,8 @@ Tensor = torch.Tensor
 PARAMETER_TAPPED = norm.TAPPED_ON_PARAMS | elementwise.TAPPED_ON_PARAMS
 
 
-# Arguments that optree keeps as leaves: an op given only these (and tensors) positionally has
-# the flat structure of _flat_spec, found without flattening.
-_SCALARS = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device})
+# an op given only scalars (and tensors) positionally has the flat structure of _flat_spec
 _LEAF = optree.tree_structure(0, none_is_leaf=True)  # type: ignore[arg-type]
-_FLAT_ITEMS = _SCALARS | {slice, type(Ellipsis)}  # what a list or tuple argument holds, but tensors
 
 
 @functools.cache
@@ -83,26 +82,6 @@ def _output(view: Tensor) -> Tensor:
 def _tap_meta(value: Tensor) -> TapShape:
     """Shape, dtype and device of a tapped tensor."""
     return value.shape, value.dtype, value.device
-
-
-def may_mention(args: Sequence[Any], kwargs: dict[str, Any], ids: Any) -> bool:
-    """False when no argument is a tensor whose id is in ``ids`` (a parameter or a view of
-    one), seen without flattening: most ops take flat arguments, or a list of tensors (``cat``)
-    or a tuple of slices (``x[:, :4]``), and this check runs on every op fn calls."""
-    for value in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(value, Tensor):
-            if id(value) in ids:
-                return True
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                if isinstance(item, Tensor):
-                    if id(item) in ids:
-                        return True
-                elif type(item) not in _FLAT_ITEMS:
-                    return True  # nested deeper: flatten to see
-        elif isinstance(value, dict):
-            return True
-    return False
 
 
 class Tape(Watching):
@@ -236,7 +215,7 @@ class Tape(Watching):
             return func(*args, **kwargs)
         views = self._views
         leaves: list[Any]
-        if not kwargs and all(isinstance(v, Tensor) or type(v) in _SCALARS for v in args):
+        if not kwargs and all(isinstance(v, Tensor) or type(v) in SCALARS for v in args):
             leaves, spec = list(args), _flat_spec(len(args))  # no need to flatten
         else:
             leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
@@ -357,13 +336,28 @@ class Tape(Watching):
         data: list[int] = []
         for i, value in enumerate(leaves):
             if i in slots:
-                stored[i] = self._views[id(value)]
+                stored[i] = self._one_sample(self._views[id(value)])
             elif isinstance(value, Tensor):
                 data.append(i)
                 stored[i] = DataRef(len(self.records))
                 self.records.append(value)
                 self.guard.recorded(value)
         return stored, data
+
+    def _one_sample(self, view: ParamView) -> ParamView:
+        """In a run on the whole batch, a parameter view expanded to the batch on its first
+        dimension (a class token, ``token.expand(B, -1, -1)``) is the same view for every
+        sample: the rules replay each sample with its first slice, the view fn makes from one
+        sample (checked on the first call against the vmapped run, as every batched run is)."""
+        if self.samples is None or view.index is None:
+            return view
+        batch, shape = self.samples[1], view.tensor.shape
+        if batch < 2 or not shape or shape[0] != batch:
+            return view
+        first = view.index[:1]
+        if not bool((view.index == first).all()):
+            return view
+        return ParamView(view.leaf, view.tensor[:1], first)
 
     def _tap(self, value: Tensor, output: bool = False) -> Tensor:
         """``value`` with its tap (``output``: ``value`` is a new output of the op, none of its

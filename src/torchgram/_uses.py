@@ -28,6 +28,32 @@ def op_name(func: Callable[..., Any]) -> str:
     return name
 
 
+# Arguments that optree keeps as leaves (see torchgram._tape), and what a list or tuple argument
+# holds beside tensors, seen without flattening.
+SCALARS = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device})
+_FLAT_ITEMS = SCALARS | {slice, type(Ellipsis)}
+
+
+def may_mention(args: Sequence[Any], kwargs: dict[str, Any], ids: Any) -> bool:
+    """False when no argument is a tensor whose id is in ``ids`` (a parameter or a view of
+    one), seen without flattening: most ops take flat arguments, or a list of tensors (``cat``)
+    or a tuple of slices (``x[:, :4]``), and this check runs on every op fn calls."""
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, Tensor):
+            if id(value) in ids:
+                return True
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, Tensor):
+                    if id(item) in ids:
+                        return True
+                elif type(item) not in _FLAT_ITEMS:
+                    return True  # nested deeper: flatten to see
+        elif isinstance(value, dict):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class ParamView:
     """A parameter leaf or a view of one, as one argument of a use.

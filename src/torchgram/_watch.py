@@ -19,8 +19,7 @@ import optree
 import torch
 
 from torchgram._guards import Guard, Watching
-from torchgram._tape import may_mention
-from torchgram._uses import op_name
+from torchgram._uses import may_mention, op_name
 
 Tensor = torch.Tensor
 
