@@ -34,6 +34,24 @@ def test_set_grad_accumulates_and_takes_pytrees() -> None:
     assert torch.equal(b.grad, torch.ones(1))
 
 
+def test_set_grad_replaces_in_place_and_never_aliases() -> None:
+    """A second call writes into the ``.grad`` the first made (as ``backward`` does), and the
+    ``.grad`` never is the given tensor, which the caller may change after."""
+    w = torch.zeros(3, requires_grad=True)
+    given = torch.ones(3)
+    torchgram.set_grad({"w": w}, {"w": given})
+    first = w.grad
+    assert first is not given
+    given.add_(1.0)
+    assert torch.equal(w.grad, torch.ones(3))
+    torchgram.set_grad({"w": w}, {"w": torch.full((3,), 5.0)})
+    assert w.grad is first and torch.equal(first, torch.full((3,), 5.0))
+    strided = torch.zeros(6)
+    w.grad = strided[::2]  # not written in place: a view into another tensor's memory
+    torchgram.set_grad({"w": w}, {"w": torch.ones(3)})
+    assert torch.equal(w.grad, torch.ones(3)) and torch.equal(strided, torch.zeros(6))
+
+
 def test_set_grad_errors() -> None:
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"\['nope'\] are not parameters"):

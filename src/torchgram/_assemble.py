@@ -86,17 +86,17 @@ def weighted_gradients(
     Returns:
         One tensor shaped like each leaf (zeros for a leaf no use touched).
     """
-    grads = [torch.zeros_like(leaf) for leaf in leaves]
+    grads: list[Tensor | None] = [None] * len(leaves)
     for leaf, factor in contributions:
         part = factor.weighted(weights)
         shape = leaves[leaf].shape
-        if factor.index is None:
-            grads[leaf] = grads[leaf] + part.reshape(shape)
-        else:
+        if factor.index is not None:
             index = factor.index.reshape(-1).to(part.device)
-            flat = part.new_zeros(shape.numel()).index_add(0, index, part.reshape(-1))
-            grads[leaf] = grads[leaf] + flat.view(shape)
-    return grads
+            part = part.new_zeros(shape.numel()).index_add(0, index, part.reshape(-1))
+        part = part.reshape(shape)
+        so_far = grads[leaf]
+        grads[leaf] = part if so_far is None else so_far + part  # no zeros to add the first to
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves, strict=True)]
 
 
 def _same_activations(by_leaf: dict[int, list[Factor]]) -> list[list[tuple[Linear, bool]]]:

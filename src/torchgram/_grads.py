@@ -71,7 +71,23 @@ def set_grad(params: nn.Module | Any, grads: Any, /, *, accumulate: bool = False
                 f"{list(param.shape)}, got {got}."
             )
         grad = grad.detach().to(param.dtype)
-        if accumulate and param.grad is not None:
-            param.grad = param.grad + grad
+        current = param.grad
+        if accumulate and current is not None:
+            param.grad = current + grad
+        elif current is not None and _reusable(current, param):
+            # in place, as backward() accumulates: no new memory (a large block costs page
+            # faults on every step)
+            current.copy_(grad)
         else:
             param.grad = grad.clone()
+
+
+def _reusable(grad: Tensor, param: Tensor) -> bool:
+    """Whether ``grad`` (a parameter's ``.grad``) can take a new gradient in place."""
+    return (
+        grad.shape == param.shape
+        and grad.dtype == param.dtype
+        and grad.device == param.device
+        and not grad.requires_grad
+        and grad.is_contiguous()
+    )
