@@ -33,6 +33,22 @@ def test_mgda_has_a_gradient() -> None:
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [1, 3, 8, 64])
+def test_mgda_on_python_floats_takes_the_steps_of_the_torch_loop(m: int, dtype) -> None:
+    """Without gradient, outside transforms, mgda iterates on Python floats (float64); with a
+    Gramian that requires grad, on torch ops: the same steps, so the same weights up to
+    rounding (float32 input: float32's rounding). Also a zero G (e_0) and a rank-1 G."""
+    J = torch.randn(m, 2 * m, generator=torch.Generator().manual_seed(m), dtype=dtype)
+    u = torch.rand(m, generator=torch.Generator().manual_seed(1), dtype=dtype) + 0.5
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    for G in (J @ J.T, torch.zeros(m, m, dtype=dtype), torch.outer(u, u)):
+        on_floats = W.mgda(G)
+        on_torch = W.mgda(G.clone().requires_grad_(True)).detach()
+        assert on_floats.dtype == dtype and not on_floats.requires_grad
+        torch.testing.assert_close(on_floats, on_torch, atol=tolerance, rtol=0.0)
+
+
 @pytest.mark.parametrize("f", [W.upgrad, W.dualproj])
 def test_non_differentiable_weightings_are_detached(f) -> None:  # type: ignore[no-untyped-def]
     G = _gramian(4, 3).requires_grad_(True)
