@@ -171,10 +171,10 @@ def test_batched_where_the_inputs_dwarf_the_extra_cotangents(runs) -> None:
     assert runs == ["vmap", "batched", "batched"]
 
 
-def test_vmap_for_norms_without_attention(runs) -> None:  # the generic rule would cost more
+def test_batched_for_norms_without_attention(runs) -> None:  # within the memory bound
     p = _params()
     _exact(functools.partial(_layer_normed, attend=lambda h: h), p, torch.randn(B, DIN, dtype=D))
-    assert runs == ["vmap", "vmap"]
+    assert runs == ["vmap", "batched", "batched"]
 
 
 def test_samples_on_another_dimension(runs) -> None:

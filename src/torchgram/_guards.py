@@ -2,7 +2,6 @@
 live in its module under ``torchgram._ops`` and are called from here).
 
 - randomness (dropout in training, random sampling: ``_ops.random``), noted for the sample check;
-- attention (``_ops.attention``), noted for the choice of run;
 - norms that mix samples under ``batch_dim`` or update running statistics inside their kernel
   (``_ops.norm``): refused, or their statistics saved to be put back;
 - a gradient taken inside fn (``torch.autograd.grad``): refused;
@@ -25,7 +24,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from torchgram._internals import active_modes, is_wrapped, tracked
-from torchgram._ops.attention import is_attention
 from torchgram._ops.norm import (
     WEIGHTED_NORMS,
     check_batch_norm,
@@ -35,7 +33,7 @@ from torchgram._ops.random import DROPOUTS, RANDOM_OPS, draws
 
 Tensor = torch.Tensor
 
-# What Guard._note looks at, beside attention.
+# What Guard._note looks at.
 _NOTED = (
     DROPOUTS
     | RANDOM_OPS
@@ -116,7 +114,7 @@ def _in_place(name: str) -> bool:
 def _noted(name: str) -> bool:
     """Whether ``Guard._note`` has something to note about an op of this name (it runs on
     every op fn calls: one lookup for the common op that needs nothing)."""
-    return name in _NOTED or is_attention(name)
+    return name in _NOTED
 
 
 def writes_input(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -148,7 +146,6 @@ class Guard:
         self.caller = caller
         self.per_sample = per_sample
         self.random = False
-        self.attention = False
         self.custom_function = False
         self.weighted_norm = False  # a norm of WEIGHTED_NORMS whose weight or bias needs grad
         self.watch = False  # whether writes into tensors fn did not create are handed back
@@ -160,7 +157,6 @@ class Guard:
     def start(self, watch: bool) -> None:
         """A fresh run (``watch``: it is plain autograd)."""
         self.random = False
-        self.attention = False
         self.custom_function = False
         self.weighted_norm = False
         self.watch = watch
@@ -197,7 +193,7 @@ class Guard:
             raise NeedsTransform(name)
 
     def _note(self, func: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict) -> None:
-        """Note randomness, attention, a custom Function or a weighted norm; check batch_norm."""
+        """Note randomness, a custom Function or a weighted norm; check batch_norm."""
         if name in DROPOUTS or name in RANDOM_OPS:
             self.random |= draws(name, args, kwargs)
         elif name == "batch_norm":
@@ -213,8 +209,6 @@ class Guard:
                 "the Gramian would miss how it depends on the parameters. Compute such a term "
                 "outside fn, or use torch.func.jacrev on the whole loss for this Gramian."
             )
-        elif is_attention(name):
-            self.attention = True
         elif name == "custom_function_call":  # an autograd.Function, as torch.func sees it
             self.custom_function = True
         if name in WEIGHTED_NORMS and not self.weighted_norm:  # a weight that may be a variable

@@ -44,8 +44,6 @@ class Probed:
             outputs (as in the batched run), in order.
         batched: Whether the batched run (fn on the whole batch, without ``vmap``) gave the
             result on this signature: None before it was tried.
-        attention: Whether fn calls attention (``scaled_dot_product_attention``, or a function
-            that may call it out of the tape's sight), whose kernel must then be chosen.
         custom_function: Whether fn calls a custom ``autograd.Function`` (then the real run is
             made under ``torch.func``, which sees it as the probe did: one call).
         made_taps: Whether plain autograd without ``batch_dim`` may take the uses' outputs by
@@ -72,7 +70,6 @@ class Probed:
     record_shapes: list[torch.Size] = field(default_factory=list)
     output_tap_shapes: TapShapes = field(default_factory=list)
     batched: bool | None = None
-    attention: bool = True
     custom_function: bool = False
     made_taps: bool = True
     random: bool = False

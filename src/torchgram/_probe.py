@@ -148,7 +148,6 @@ def probe(
         out.shape,
         record_shapes=records,
         output_tap_shapes=tape.output_shapes,
-        attention=tape.guard.attention,
         custom_function=tape.guard.custom_function,
         random=tape.random,
     )

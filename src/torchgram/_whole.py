@@ -190,7 +190,6 @@ def _learned(tape: Tape, out: Tensor, records: tuple[Tensor, ...]) -> Probed:
         list(tape.tap_shapes),
         out.shape,
         record_shapes=[r.shape for r in records],
-        attention=tape.guard.attention,
     )
 
 
