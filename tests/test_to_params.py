@@ -255,3 +255,18 @@ def test_chosen_where_the_rules_would_build_the_gradients(to_params: list[None])
         G = transform(mlp_params, x)
     _assert_oracle(G, per_sample, mlp_params, x)
     assert len(to_params) == 2
+
+
+def test_cross_gramian_from_the_parameters_gradients(always: None, to_params: list[None]) -> None:
+    """cross_gramian_of without batch_dim: both runs' factors are then the rows' gradients."""
+    case = cases()["transformer"]
+    fn = _three_losses(case.fn)
+    (x,) = case.args
+    other = torch.randn_like(x)
+    transform = torchgram.cross_gramian_of(fn)
+    for _ in range(2):
+        C = transform((case.params, x), (case.params, other))
+    J_a = jacobian_matrix(fn, case.params, x)
+    J_b = jacobian_matrix(fn, case.params, other)
+    assert torch.allclose(C, J_a @ J_b.T, rtol=1e-10, atol=1e-12)
+    assert len(to_params) == 3  # both batches share a signature: only the first run has taps
