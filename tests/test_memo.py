@@ -12,6 +12,7 @@ import optree
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import count_calls
 from oracle import flat_gramian
 from torch import nn
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
@@ -38,15 +39,7 @@ class Counted:
 @pytest.fixture
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     """One entry per probe of fn."""
-    calls: list[None] = []
-    probe = _run.probe
-
-    def counting(*args: Any) -> Any:
-        calls.append(None)
-        return probe(*args)
-
-    monkeypatch.setattr(_run, "probe", counting)
-    return calls
+    return count_calls(monkeypatch, _run, "probe")
 
 
 def _params(dtype: torch.dtype = D) -> dict[str, torch.Tensor]:

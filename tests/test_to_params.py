@@ -12,6 +12,7 @@ import optree
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import count_calls
 from oracle import flat_gramian, jacobian_matrix
 from torch import nn
 from torch.func import functional_call, vmap
@@ -26,15 +27,7 @@ D = torch.float64
 @pytest.fixture
 def to_params(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     """One entry per run pulled back to the parameters."""
-    calls: list[None] = []
-    run = _run.linearise_to_params
-
-    def counting(*args: Any) -> Any:
-        calls.append(None)
-        return run(*args)
-
-    monkeypatch.setattr(_run, "linearise_to_params", counting)
-    return calls
+    return count_calls(monkeypatch, _run, "linearise_to_params")
 
 
 @pytest.fixture
