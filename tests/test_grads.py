@@ -52,6 +52,15 @@ def test_set_grad_replaces_in_place_and_never_aliases() -> None:
     assert torch.equal(w.grad, torch.ones(3)) and torch.equal(strided, torch.zeros(6))
 
 
+def test_set_grad_swapping_two_gradients() -> None:
+    """A given gradient that is another parameter's current .grad is read before any write."""
+    a = torch.zeros(1, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.ones(1), torch.full((1,), 2.0)
+    torchgram.set_grad({"a": a, "b": b}, {"a": b.grad, "b": a.grad})
+    assert torch.equal(a.grad, torch.full((1,), 2.0)) and torch.equal(b.grad, torch.ones(1))
+
+
 def test_set_grad_errors() -> None:
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"\['nope'\] are not parameters"):

@@ -16,6 +16,7 @@ from conftest import count_calls
 from oracle import flat_gramian, jacobian_matrix
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from zoo import cases
 
 import torchgram
@@ -108,7 +109,8 @@ def functional_call_list(model: nn.Module, params: Any, x: torch.Tensor, fn: Cal
 
 
 def test_gramian_is_differentiable(always: None, to_params: list[None]) -> None:
-    """Parameters that require grad: the Gramian carries their graph, as on the first call."""
+    """Parameters that require grad: the Gramian carries their graph on every call (the taps'
+    run, whose kernels all have a double backward)."""
     torch.manual_seed(0)
     w = torch.randn(4, 3, dtype=D, requires_grad=True)
     x = torch.randn(6, 4, dtype=D)
@@ -123,7 +125,7 @@ def test_gramian_is_differentiable(always: None, to_params: list[None]) -> None:
     expected = torch.autograd.grad(flat_gramian(fn, w, x).sum(), w)[0]
     assert torch.allclose(first, expected, rtol=1e-10)
     assert torch.allclose(second, expected, rtol=1e-10)
-    assert len(to_params) == 1
+    assert to_params == []
 
 
 def test_has_aux_gives_back_the_callers_parameters(always: None, to_params: list[None]) -> None:
@@ -263,3 +265,40 @@ def test_cross_gramian_from_the_parameters_gradients(always: None, to_params: li
     J_b = jacobian_matrix(fn, case.params, other)
     assert torch.allclose(C, J_a @ J_b.T, rtol=1e-10, atol=1e-12)
     assert len(to_params) == 3  # both batches share a signature: only the first run has taps
+
+
+def _attended(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    q = (x @ w).unflatten(-1, (2, 2)).transpose(1, 2)  # [B, heads, T, d]
+    h = F.scaled_dot_product_attention(q, q, q)
+    return torch.stack([h.sum(), h.pow(2).mean(), h[0, 0, 0, 0]])
+
+
+def test_differentiable_gramian_through_attention(always: None, to_params: list[None]) -> None:
+    """A Gramian that carries a graph needs attention's double backward, which its fused
+    kernels lack: parameters that require grad keep the taps' run (attention on its math
+    kernel), and a tensor fn closes over that requires grad gets the math kernel in the run
+    without the tape. Both differentiate exactly on every call."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 4, dtype=D)
+    w = torch.randn(4, 4, dtype=D, requires_grad=True)
+    transform = torchgram.gramian_of(_attended)
+    with sdpa_kernel(SDPBackend.MATH):  # the oracle's own double backward
+        expected = torch.autograd.grad(flat_gramian(_attended, w, x).sum(), w)[0]
+    for _ in range(2):
+        (grad,) = torch.autograd.grad(transform(w, x).sum(), w)
+        assert torch.allclose(grad, expected, rtol=1e-10)
+    assert to_params == []
+
+    def closes_over(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _attended(w * v, x)  # the rows' gradients go back through attention
+
+    # float32: the CPU's fused (flash) kernel takes it, where float64 goes to the math kernel
+    w = w.detach().float().requires_grad_()
+    v, x = torch.ones(4, 4), x.float()
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = torch.autograd.grad(flat_gramian(closes_over, v, x).sum(), w)[0]
+    transform = torchgram.gramian_of(closes_over)
+    for _ in range(2):
+        (grad,) = torch.autograd.grad(transform(v, x).sum(), w)
+        assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-5)
+    assert len(to_params) == 1

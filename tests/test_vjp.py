@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import jacobian_matrix
 from zoo import cases
 
@@ -109,3 +111,17 @@ def test_jd_grad_has_aux_and_argnums() -> None:
     assert losses.shape == (5,)
     expected = torch.func.grad(lambda p: fn(x, p)[0].mean())(params)
     assert torch.allclose(direction["w"], expected["w"])
+
+
+def test_vjp_keeps_the_parameters_dtype_under_autocast() -> None:
+    """A rule's weighted gradient in autocast's dtype is promoted to the parameter's."""
+    torch.manual_seed(0)
+    p, x = {"w": torch.randn(5, 4), "b": torch.randn(5)}, torch.randn(3, 4)
+
+    def fn(p: Any, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, p["w"], p["b"]).pow(2).sum(-1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, vjp_fn, _ = torchgram.vjp_and_gramian(fn, p, x, batch_dim=0)
+        grads = vjp_fn(torch.ones(3, dtype=out.dtype))
+    assert {k: g.dtype for k, g in grads.items()} == {"w": torch.float32, "b": torch.float32}

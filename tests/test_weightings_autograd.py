@@ -38,15 +38,34 @@ def test_mgda_has_a_gradient() -> None:
 def test_mgda_on_python_floats_takes_the_steps_of_the_torch_loop(m: int, dtype) -> None:
     """Without gradient, outside transforms, mgda iterates on Python floats (float64); with a
     Gramian that requires grad, on torch ops: the same steps, so the same weights up to
-    rounding (float32 input: float32's rounding). Also a zero G (e_0) and a rank-1 G."""
+    rounding (float32 input: float32's rounding). Also a zero G (e_0), a rank-1 G and an
+    asymmetric one."""
     J = torch.randn(m, 2 * m, generator=torch.Generator().manual_seed(m), dtype=dtype)
     u = torch.rand(m, generator=torch.Generator().manual_seed(1), dtype=dtype) + 0.5
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    for G in (J @ J.T, torch.zeros(m, m, dtype=dtype), torch.outer(u, u)):
+    asymmetric = J @ J.T + torch.triu(torch.ones(m, m, dtype=dtype), diagonal=1)
+    for G in (J @ J.T, torch.zeros(m, m, dtype=dtype), torch.outer(u, u), asymmetric):
         on_floats = W.mgda(G)
         on_torch = W.mgda(G.clone().requires_grad_(True)).detach()
         assert on_floats.dtype == dtype and not on_floats.requires_grad
         torch.testing.assert_close(on_floats, on_torch, atol=tolerance, rtol=0.0)
+
+
+def test_mgda_carries_forward_mode_derivatives() -> None:
+    """Under jvp (and forward-mode AD) mgda iterates on torch ops, so the tangent is the one
+    reverse mode gives."""
+    J = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dJ = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = lambda J: W.mgda(J @ J.T)
+    _, tangent = torch.func.jvp(weights, (J,), (dJ,))
+    expected = torch.einsum("wij,ij->w", torch.func.jacrev(weights)(J), dJ)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(tangent, expected)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(J, dJ)
+        forward = torch.autograd.forward_ad.unpack_dual(weights(dual)).tangent
+    assert forward is not None
+    torch.testing.assert_close(forward, expected)
 
 
 @pytest.mark.parametrize("f", [W.upgrad, W.dualproj])

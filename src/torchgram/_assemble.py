@@ -93,7 +93,7 @@ def weighted_gradients(
         if factor.index is not None:
             index = factor.index.reshape(-1).to(part.device)
             part = part.new_zeros(shape.numel()).index_add(0, index, part.reshape(-1))
-        part = part.reshape(shape)
+        part = part.reshape(shape).to(torch.promote_types(part.dtype, leaves[leaf].dtype))
         so_far = grads[leaf]
         grads[leaf] = part if so_far is None else so_far + part  # no zeros to add the first to
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves, strict=True)]

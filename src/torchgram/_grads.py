@@ -63,6 +63,9 @@ def set_grad(params: nn.Module | Any, grads: Any, /, *, accumulate: bool = False
             ) from None
         paths = optree.tree_paths(params, none_is_leaf=True)
         pairs = list(zip(map(str, paths), leaves, given, strict=True))
+    # a given gradient that is (a view of) some parameter's current .grad must not be
+    # overwritten in place before it is read: those are cloned
+    held = {p.grad.untyped_storage().data_ptr() for _, p, _ in pairs if p.grad is not None}
     for name, param, grad in pairs:
         if not isinstance(grad, Tensor) or grad.shape != param.shape:
             got = list(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
@@ -74,12 +77,17 @@ def set_grad(params: nn.Module | Any, grads: Any, /, *, accumulate: bool = False
         current = param.grad
         if accumulate and current is not None:
             param.grad = current + grad
-        elif current is not None and _reusable(current, param):
+        elif current is not None and _reusable(current, param) and not _in(grad, held):
             # in place, as backward() accumulates: no new memory (a large block costs page
             # faults on every step)
             current.copy_(grad)
         else:
             param.grad = grad.clone()
+
+
+def _in(tensor: Tensor, storages: set[int]) -> bool:
+    """Whether ``tensor`` lies in one of the storages (by their data pointers)."""
+    return tensor.untyped_storage().data_ptr() in storages
 
 
 def _reusable(grad: Tensor, param: Tensor) -> bool:

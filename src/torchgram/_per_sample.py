@@ -258,7 +258,9 @@ def _inner(
     """The records whose merged samples are the inner factor: those that equal the reference
     run's (``[B, *one]``) laid out so, and not as the outer factor. A use's output taps follow
     its records. The rows of the run are checked after, whatever this finds."""
-    inner = set()
+    inner: set[int] = set()
+    if len(reference) != len(records):  # not the same uses: the rows' check decides
+        return frozenset()
     for i, (record, dim, expected) in enumerate(zip(records, dims, reference, strict=True)):
         if not merged(record, dim, batch) or _same(as_stacked(record, dim, 0, batch), expected):
             continue

@@ -219,11 +219,17 @@ def linearise_params(
     """Plain autograd with respect to the parameters themselves: ``run(params) -> (out, aux)``
     on ``params`` made to require grad (copies of those that do not), no tape. Its pull gives
     each leaf's gradients of the rows. Only outside ``torch.func`` transforms
-    (``plain_autograd``)."""
+    (``plain_autograd``). A ``RuntimeError`` of torch's raises ``Unmade`` (the caller makes
+    the run another way, which gives the result or the error)."""
     grad_enabled = torch.is_grad_enabled()
     own, copies = _requiring_grad(params)
-    with torch.enable_grad():
-        out, aux = run(own)
+    try:
+        with torch.enable_grad():
+            out, aux = run(own)
+    except TapeMismatch:
+        raise
+    except RuntimeError as error:
+        raise Unmade from error
     shapes = [(p.shape, p.dtype, p.device) for p in own]
     return _autograd_reverse(out, aux, own, shapes, grad_enabled, copies)
 

@@ -56,7 +56,12 @@ from torchgram._samples import (
     without_dropout,
 )
 from torchgram._uses import TapeMismatch
-from torchgram._whole import gradients_pay, linearise_to_params, linearise_whole
+from torchgram._whole import (
+    gradients_pay,
+    linearise_to_params,
+    linearise_whole,
+    may_pull_to_params,
+)
 
 Tensor = torch.Tensor
 
@@ -90,11 +95,11 @@ def linearise(
 def _again(fn: Callable[..., Any], inputs: Inputs, options: Options, probed: Probed) -> Linearised:
     """A call on a signature whose first call chose the run."""
     if options.batch_dim is None:
-        if probed.to_params and not probed.custom_function and plain_autograd(inputs.params):
+        if may_pull_to_params(probed, inputs):
             try:
                 return linearise_to_params(fn, inputs, options)
-            except NeedsTransform:  # a write into a tensor fn did not create: the taps' way
-                probed.to_params = False  # refuses it, or lets it through where it may
+            except (NeedsTransform, Unmade):  # a write into a tensor fn did not create, or
+                probed.to_params = False  # torch's error: the taps' way refuses or gives it
         return linearise_whole(fn, inputs, options, probed)[0]
     batch = batch_size(inputs, options)
     if probed.batched and _may_batch(options, inputs, probed, batch):

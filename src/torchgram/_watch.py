@@ -3,7 +3,9 @@ tape's checks but not recorded (see ``torchgram._whole.linearise_to_params``).
 
 Where later calls without ``batch_dim`` pull the rows back to the parameters themselves, no use
 needs recording: autograd's own backward builds each row's gradient, and a recurrent op runs on
-its fused kernel rather than step by step. Two things of the tape remain: its checks
+its fused kernel rather than step by step. Three things of the tape remain: attention on its math
+kernel (the fused ones have no double backward, which a Gramian that carries a graph needs), its
+checks
 (``torchgram._guards``: a write into a tensor fn did not create hands the run back, a gradient
 inside fn is refused), and its reading of fn's closure: fn may use the parameter tensors it was
 given through a closure (a module's own parameters) instead of its argument, and such a use must
@@ -19,6 +21,7 @@ import optree
 import torch
 
 from torchgram._guards import Guard, Watching
+from torchgram._ops.attention import is_attention, math_kernel
 from torchgram._uses import may_mention, op_name
 
 Tensor = torch.Tensor
@@ -47,6 +50,9 @@ class Watch(Watching):
             args, kwargs = optree.tree_map(self.copy, (args, kwargs), none_is_leaf=True)
         name = op_name(func)
         self.guard.before(func, name, args, kwargs)
+        if is_attention(name):  # its fused kernels have no double backward (a Gramian that
+            with math_kernel():  # carries a graph back to a tensor fn closes over)
+                return self.guard.after(name, args, func(*args, **kwargs))
         return self.guard.after(name, args, func(*args, **kwargs))
 
     def copy(self, value: Any) -> Any:

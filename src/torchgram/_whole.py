@@ -18,6 +18,7 @@ import optree
 import torch
 
 from torchgram._factors import Linear, ghost_cost, materialised_cost, use_ghost
+from torchgram._guards import NeedsTransform, restore
 from torchgram._linearised import Linearised, Options
 from torchgram._memo import Probed
 from torchgram._probe import check_taps, refuse_mutation, split_output
@@ -25,9 +26,11 @@ from torchgram._pytree import Inputs
 from torchgram._reverse import (
     Reverse,
     Tap,
+    Unmade,
     linearise_made_taps,
     linearise_params,
     linearise_taps,
+    plain_autograd,
     pull_back,
     transform_active,
 )
@@ -130,18 +133,28 @@ def linearise_to_params(fn: Callable[..., Any], inputs: Inputs, options: Options
     and needs no ``vmap`` of any backward formula. Only outside ``torch.func`` transforms
     (``torchgram._reverse.plain_autograd``)."""
     box = _Aux()
+    watches: list[Watch] = []
 
     def run(params: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
         watch = Watch(inputs.params, params, options.caller)
+        watches.append(watch)
         with watch:
             call = inputs.call(fn, inputs.data, params)
             out, aux = split_output(call, options.has_aux, options.caller)
         out = watch.copy(out)
         return out, box.pack(_originals(aux, params, inputs.params) if options.has_aux else aux)
 
-    reverse = linearise_params(run, inputs.params)
-    out = reverse.out
-    gradients = pull_back(reverse, out.shape, apart=True)[0] if out.numel() else []
+    try:
+        reverse = linearise_params(run, inputs.params)
+        out = reverse.out
+        try:
+            gradients = pull_back(reverse, out.shape, apart=True)[0] if out.numel() else []
+        except RuntimeError as error:  # a backward formula torch cannot run here
+            raise Unmade from error
+    except (NeedsTransform, Unmade):  # the caller makes the run the taps' way
+        for watch in watches:
+            restore(watch.guard.statistics)
+        raise
     return Linearised(
         out,
         box.unpack(reverse.aux),
@@ -151,9 +164,23 @@ def linearise_to_params(fn: Callable[..., Any], inputs: Inputs, options: Options
         inputs.params,
         None,
         options.chunk_bytes,
+        random=watches[0].guard.random,
+        statistics=watches[0].guard.statistics,
         caller=options.caller,
         gradients=gradients,
     )
+
+
+def may_pull_to_params(probed: Probed, inputs: Inputs) -> bool:
+    """Whether this call runs ``linearise_to_params``: chosen on the signature (see
+    ``gradients_pay``), a run of plain autograd whose Gramian needs no graph (parameters or
+    data that require grad: a fused kernel fn calls may have no double backward)."""
+    if not probed.to_params or probed.custom_function or not plain_autograd(inputs.params):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    tensors = (*inputs.params, *optree.tree_leaves(inputs.data, none_is_leaf=True))  # type: ignore[arg-type]
+    return not any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def gradients_pay(run: Linearised) -> bool:
@@ -170,6 +197,8 @@ def gradients_pay(run: Linearised) -> bool:
     taps holds.
     """
     rows = run.out.numel()
+    if run.out.requires_grad:  # the Gramian carries a graph: see may_pull_to_params
+        return False
     gradients = rows * sum(p.numel() * p.element_size() for p in run.params)
     held = sum(c.numel() * c.element_size() for c in run.cotangents) + run.chunk_bytes
     if not rows or gradients > held:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
+
+from torchgram._internals import is_wrapped
 
 from ._shapes import _can_read, _check_positive_int, _uniform, _weighting
 
@@ -32,6 +35,8 @@ def _on_host(G: Tensor) -> bool:
         and G.device.type == "cpu"
         and not G.requires_grad
         and _can_read(G)
+        and not is_wrapped(G)  # jvp, jacfwd, grad: a derivative to carry
+        and forward_ad.unpack_dual(G).tangent is None  # forward-mode AD outside torch.func
     )
 
 
@@ -42,23 +47,22 @@ def _frank_wolfe_on_host(
     G: list[list[float]], columns: list[list[float]], epsilon: float, max_iters: int
 ) -> list[float]:
     """The iterations of ``mgda`` on Python floats (float64): the steps of
-    ``_frank_wolfe_step``, with ``G @ alpha`` and ``alphaᵀ G alpha`` updated from one column of
-    ``G`` (``columns``) per step rather than recomputed, and ``alpha`` kept as ``scale * beta``
-    so that a step changes one entry of ``beta``."""
+    ``_frank_wolfe_step``, with ``G @ alpha`` updated from one column of ``G`` (``columns``) per
+    step rather than recomputed, and ``alpha`` kept as ``scale * beta`` so that a step changes
+    one entry of ``beta``."""
     m = len(G)
     beta, scale = [1.0 / m] * m, 1.0
     Ga = [sum(row) / m for row in G]
-    b = sum(Ga) / m  # alphaᵀ G alpha
     for _ in range(max_iters):
         a = min(Ga)
         t = Ga.index(a)  # the first minimum, as torch.argmin
         c = G[t][t]
+        b = scale * sum(x * g for x, g in zip(beta, Ga, strict=True))  # alphaᵀ G alpha
         curvature = b + c - 2 * a
         gamma = (
             1.0 if c <= a else 0.0 if b <= a else (b - a) / (curvature if curvature > 0 else 1.0)
         )
         keep = 1.0 - gamma
-        b = keep * keep * b + 2 * keep * gamma * a + gamma * gamma * c
         Ga = [keep * g + gamma * r for g, r in zip(Ga, columns[t], strict=True)]
         if keep == 0.0 or scale * keep < 1e-150:  # start beta afresh (exact, or before underflow)
             beta, scale = [scale * keep * x for x in beta], 1.0
