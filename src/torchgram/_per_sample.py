@@ -29,7 +29,7 @@ from torchgram._pytree import Inputs
 from torchgram._reverse import Tap, linearise_made_taps, linearise_taps, pull_back
 from torchgram._samples import agree
 from torchgram._tape import Tape
-from torchgram._uses import TapShape
+from torchgram._uses import TapShape, Use
 from torchgram._whole import _Aux, _zero_taps, linearise_whole, pull_rows
 
 Tensor = torch.Tensor
@@ -222,12 +222,7 @@ def linearise_batched(
         return None  # a tap without samples would need one tap per sample: vmap's
     if reference is not None:
         probed.inner = _inner(records, record_dims, reference.records, batch)
-    inner_taps = {
-        tap
-        for use in tape.uses
-        if any(use.leaves[slot].record in probed.inner for slot in use.data)
-        for tap in range(use.first_tap, use.first_tap + len(use.tapped))
-    }
+    inner_taps = _inner_taps(tape.uses, probed.inner) if probed.inner else set()
     per_sample = torch.Size((*out.shape[:b], 1, *out.shape[b + 1 :]))
     cotangents: list[Tensor] = []
     if shapes:  # plain autograd: exact all at once
@@ -267,6 +262,17 @@ def _inner(
         if _same(as_stacked(record, dim, 0, batch, inner=True), expected):
             inner.add(i)
     return frozenset(inner)
+
+
+def _inner_taps(uses: list[Use], inner: frozenset[int]) -> set[int]:
+    """The taps on the outputs of the uses that read a record in ``inner``: their cotangents
+    are laid out as those records are."""
+    return {
+        tap
+        for use in uses
+        if any(use.leaves[slot].record in inner for slot in use.data)
+        for tap in range(use.first_tap, use.first_tap + len(use.tapped))
+    }
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
