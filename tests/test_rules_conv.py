@@ -186,13 +186,15 @@ GENERATORS = {"patches": "_patch_blocks", "grouped": "_grouped_blocks", "rows": 
 
 
 def _force_kernel(monkeypatch, kernel: str) -> None:
-    """The materialised form builds per-sample gradients with ``kernel`` (patches need G = 1)."""
+    """The materialised form builds per-sample gradients with ``kernel`` (patches need G = 1,
+    depthwise one input channel per group)."""
     from torchgram._ops.conv_factor import Conv
 
     choose = Conv.kernel_for_gradients
 
     def forced(self, chunk_bytes):
-        return choose(self, chunk_bytes) if kernel == "patches" and self.groups > 1 else kernel
+        fits = {"patches": self.groups == 1, "depthwise": self.x.shape[2] == self.groups}
+        return kernel if fits.get(kernel, True) else choose(self, chunk_bytes)
 
     monkeypatch.setattr(Conv, "kernel_for_gradients", forced)
 
@@ -325,6 +327,90 @@ def test_conv_and_elementwise_use_on_one_region(monkeypatch, padding) -> None:
 
     check_exact(monkeypatch, fn, {"w": w}, x)
     assert rule_counts(fn, {"w": w}, x) == {("conv2d", "conv2d"): 1, ("mul", "parameters"): 1}
+
+
+DEPTHWISE = pytest.mark.parametrize(
+    ("n", "multiplier", "conv"),
+    [
+        (2, 1, {"kernel_size": 5, "padding": 2}),
+        (2, 2, {"kernel_size": 7, "stride": 2, "padding": 3}),
+        (2, 3, {"kernel_size": (3, 5), "stride": (2, 1), "dilation": (1, 2), "padding": (1, 2)}),
+        (1, 1, {"kernel_size": 4, "dilation": 2, "padding": "same"}),
+        (3, 1, {"kernel_size": 3, "dilation": 2, "padding": 1}),
+        (2, 1, {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"}),
+    ],
+    ids=["5x5", "7x7-stride-multiplier", "per-dim", "1d-same", "3d-dilated", "3x3-reflect"],
+)
+
+
+def _depthwise_case(n: int, multiplier: int, conv: dict, rows: int):
+    torch.manual_seed(0)
+    layer = CONVS[n](4, 4 * multiplier, groups=4, **conv).double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 4, *(4 if n == 3 else 6,) * n, dtype=torch.float64)
+    return _rows_fn(layer, rows), params, x
+
+
+@DEPTHWISE
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 2**30])
+def test_depthwise_gradients_by_forward_convolution(
+    monkeypatch, n, multiplier, conv, rows, chunk
+) -> None:
+    """Per-sample gradients of a depthwise weight from one forward convolution with the
+    cotangents as kernels: exact for strides, dilations, channel multipliers, several rows and
+    blocks of one group (``chunk=1``), and the JD direction by the same kernel."""
+    _force_form(monkeypatch, "materialised")
+    _force_kernel(monkeypatch, "depthwise")
+    blocks = _count_blocks(monkeypatch, "_depthwise_blocks")
+    fn, params, x = _depthwise_case(n, multiplier, conv, rows)
+    check_exact(monkeypatch, fn, params, x, max_chunk_bytes=chunk)
+    # the Gramian in blocks of one group when chunk=1, then the direction in one block
+    assert blocks == [4 if chunk == 1 else 1, 1], blocks
+
+
+@DEPTHWISE
+def test_depthwise_kernel_differentiable_and_several_images(monkeypatch, n, multiplier, conv):
+    """With ``batch_dim=None`` each row's sample holds the whole batch as its images; and a
+    Gramian differentiated through the forward-convolution kernel."""
+    _force_form(monkeypatch, "materialised")
+    _force_kernel(monkeypatch, "depthwise")
+    blocks = _count_blocks(monkeypatch, "_depthwise_blocks")
+    fn, params, x = _depthwise_case(n, multiplier, conv, rows=2)
+
+    def summed(params, x):
+        return fn(params, x).sum(0)  # [2] rows over the batch
+
+    check_exact(monkeypatch, summed, params, x, batch_dim=None)
+    assert blocks
+
+    def trace(p):
+        return torchgram.flatten(torchgram.gramian(fn, p, x, batch_dim=0)).trace()
+
+    ours = torch.func.grad(trace)(params)
+    expected = torch.func.grad(lambda p: flat_gramian(fn, p, x).trace())(params)
+    for name in params:
+        assert torch.allclose(ours[name], expected[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "kernel", "dilation", "size", "expected"),
+    [
+        (2, 5, 1, 8, "depthwise"),  # 5 x 5: the backend's kernel is slow
+        (2, 7, 1, 16, "depthwise"),
+        (1, 3, 2, 16, "depthwise"),  # dilated
+        (2, 3, 1, 2, "depthwise"),  # 3 x 3 over 2 x 2 outputs
+        (2, 3, 1, 8, "grouped"),  # 3 x 3: the backend's fast kernel
+    ],
+)
+def test_depthwise_kernel_choice(n, kernel, dilation, size, expected) -> None:
+    from torchgram._ops.conv_factor import Conv
+
+    x = torch.zeros(8, 1, 16, *(size,) * n)
+    dy = torch.zeros(1, 8, 1, 16, *(size,) * n)
+    pad = dilation * (kernel // 2)
+    factor = Conv(None, x, dy, (kernel,) * n, (1,) * n, (pad,) * n, (dilation,) * n, 16)
+    assert factor.kernel_for_gradients(2**30) == expected
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ channels to ``C_out / G`` output channels, used at every output position (the to
   products with the unfolded patches (few input channels, patches within ``chunk_bytes``), from
   one grouped ``aten.convolution_backward`` (weight only) per output row with the samples as
   groups (up to 64 x 128 channels per group), or else from one such call per row (see
-  ``Conv.kernel_for_gradients``); the two convolution kernels never unfold the input. The
+  ``Conv.kernel_for_gradients``); for one input channel per group (depthwise), from one
+  forward convolution with the cotangents as kernels. The kernels never unfold the input. The
   JD direction is one call for the whole batch;
 - ghost: the sum over groups of linear-map ghost Gramians, cheaper when few output positions
   meet large channel counts, with the token similarities from unfolded patches or, for stride
@@ -88,7 +89,8 @@ class Conv:
             d = c_in * math.prod(self.kernel)
             blocks = [g.view(K, B, d, -1) for g in self._patch_blocks(chunk_bytes)]
             return torch.cat(blocks, dim=-1).transpose(-1, -2).reshape(K, B, -1, c_in, *self.kernel)
-        (g,) = (self._grouped_blocks if kernel == "grouped" else self._blocks)(None)
+        make = {"grouped": self._grouped_blocks, "depthwise": self._depthwise_blocks}
+        (g,) = make.get(kernel, self._blocks)(None)
         return g.reshape(K, B, -1, c_in, *self.kernel)
 
     def as_linear(self) -> Linear:
@@ -102,8 +104,14 @@ class Conv:
         return Linear(index, patches, D)
 
     def weighted(self, weights: Tensor) -> Tensor:
-        """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution."""
+        """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution
+        (for a depthwise weight, the per-sample gradients of the weighted cotangents, summed)."""
         grads = torch.einsum("kb,kb...->b...", weights, self.dy)
+        if self.kernel_for_gradients(DEFAULT_CHUNK_BYTES) == "depthwise":
+            blocks = self._depthwise_blocks(DEFAULT_CHUNK_BYTES, grads.unsqueeze(0))
+            B, C_out = grads.shape[0], grads.shape[2]
+            summed = [g.view(B, -1).sum(0) for g in blocks]
+            return torch.cat(summed).view(C_out, 1, *self.kernel)
         return self._weight_grad(
             grads.flatten(0, 1).contiguous(), self.x.flatten(0, 1).contiguous(), self.groups
         )
@@ -116,9 +124,12 @@ class Conv:
         form = self.form()
         if form != "materialised":
             return self._ghost(chunk_bytes, pixels=form == "pixels")
-        blocks = {"patches": self._patch_blocks, "grouped": self._grouped_blocks}.get(
-            self.kernel_for_gradients(chunk_bytes), self._blocks
-        )(chunk_bytes)
+        make = {
+            "patches": self._patch_blocks,
+            "grouped": self._grouped_blocks,
+            "depthwise": self._depthwise_blocks,
+        }
+        blocks = make.get(self.kernel_for_gradients(chunk_bytes), self._blocks)(chunk_bytes)
         total: Tensor | None = None
         for g in blocks:
             part = g @ g.T
@@ -147,8 +158,9 @@ class Conv:
         return "pixels" if pixels is not None and pixels < rival else ghost
 
     def kernel_for_gradients(self, chunk_bytes: int) -> str:
-        """How the materialised form builds per-sample gradients: ``"patches"``, ``"grouped"``
-        or ``"rows"`` (see the module docstring; thresholds measured on CPU with oneDNN)."""
+        """How the materialised form builds per-sample gradients: ``"patches"``, ``"grouped"``,
+        ``"depthwise"`` or ``"rows"`` (see the module docstring; thresholds measured on CPU
+        with oneDNN)."""
         B, N = self.x.shape[:2]
         G = self.groups
         c_in, c_out = self.x.shape[2] // G, self.dy.shape[3] // G
@@ -156,6 +168,8 @@ class Conv:
         patch_bytes = B * T * math.prod(self.kernel) * c_in * G * self.x.element_size()
         if G == 1 and patch_bytes <= chunk_bytes and c_in < _FEW_CHANNELS:
             return "patches"
+        if G > 1 and c_in == 1 and self._slow_depthwise_kernel():
+            return "depthwise"
         if c_in * c_out <= _GROUPED_CHANNELS:
             return "grouped"
         return "patches" if G == 1 and patch_bytes <= chunk_bytes else "rows"
@@ -245,6 +259,43 @@ class Conv:
                 # reshape: the gradient is channels-last where the input was
                 block.append(self._weight_grad(grads, images, B * count).reshape(B, -1))
             yield torch.cat(block) if K > 1 else block[0]
+
+    def _slow_depthwise_kernel(self) -> bool:
+        """Whether the backend's depthwise weight-gradient kernel is the slow one for this
+        layer: oneDNN has a fast one for 3 x 3 kernels without dilation over outputs of more
+        than 2 x 2, and takes 5-40x longer than ``_depthwise_blocks`` for the 5 x 5 and 7 x 7
+        kernels of MobileNet and ConvNeXt (measured on CPU)."""
+        three = all(k == 3 for k in self.kernel) and all(d == 1 for d in self.dilation)
+        return not three or math.prod(self.dy.shape[4:]) <= 4
+
+    def _depthwise_blocks(
+        self, chunk_bytes: int | None, dy: Tensor | None = None
+    ) -> Iterator[Tensor]:
+        """Like ``_blocks``, for one input channel per group: sample i's gradient for output
+        channel o is the correlation of its input channel with its cotangent, so all of them
+        come from one forward convolution of the padded inputs (channels ``(i, c)``, the N
+        images as a group's input channels) with the cotangents as kernels, stride and
+        dilation swapped. ``dy`` replaces the cotangents (``[K', B, N, C_out, *out]``)."""
+        dy = self.dy if dy is None else dy
+        K, B, N = dy.shape[:3]
+        out = dy.shape[4:]
+        multiplier = dy.shape[3] // self.groups
+        x = self._padded()  # [B, N, C_in, *padded]
+        spatial = x.shape[3:]
+        zeros = [0] * len(self.kernel)
+        first_offsets: tuple[slice, ...] = tuple(slice(0, k) for k in self.kernel)
+        for start, stop, first, count in self._ranges(chunk_bytes):
+            images = x[:, :, first : first + count].transpose(1, 2)  # [B, c, N, *padded]
+            images = images.reshape(1, B * count * N, *spatial)
+            kernels = dy[:, :, :, start:stop].unflatten(3, (count, multiplier))
+            kernels = kernels.permute(1, 3, 4, 0, 2, *range(5, 5 + len(out)))
+            kernels = kernels.reshape(B * count * multiplier * K, N, *out)
+            g = torch.convolution(
+                images, kernels, None, list(self.dilation), zeros, list(self.stride), False,
+                zeros, B * count,
+            )[0][(slice(None), *first_offsets)]  # fmt: skip
+            g = g.reshape(B, count * multiplier, K, -1).permute(2, 0, 1, 3)
+            yield g.reshape(K * B, -1)
 
     def _weight_grad(self, grad: Tensor, images: Tensor, groups: int) -> Tensor:
         """The weight gradient of the convolution of ``images`` given its output's ``grad``."""
