@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchgram import weightings as W
-from torchgram.weightings._dual_cone import _kkt_residual, _project_weights
+from torchgram.weightings._dual_cone import _kkt_residual, _project_weights, _until_next_check
 
 
 def _gramian(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -82,6 +82,41 @@ def test_solver_kkt_residual_in_float64(m: int, n: int) -> None:
     V = _project_weights(U, J @ J.T, norm_eps=1e-4, reg_eps=1e-4, max_iters=500, tol=None)
     assert (V >= U).all()
     assert _kkt_residual(V, U, J @ J.T, norm_eps=1e-4, reg_eps=1e-4) < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "expected"),
+    [
+        (None, (10, 1e-3), 10),  # no rate yet: the second check 10 iterations on
+        ((10, 1e-3), (20, 2e-5), 8),  # 10^-0.17 per iteration: 2e-5 to 1e-6 in 7.6
+        ((10, 1e-3), (20, 1e-3), 20),  # stalled: the most iterations between checks
+        ((10, 1e-3), (20, 2e-3), 20),  # rising
+        ((10, 1e-1), (20, 1e-2), 20),  # slow: capped
+        ((20, 1e-5), (21, 1.1e-6), 1),  # the next iteration at least
+    ],
+)
+def test_solver_checks_where_the_rate_predicts_convergence(previous, current, expected) -> None:
+    assert _until_next_check(previous, current, tol=1e-5) == expected
+
+
+def test_solver_stops_soon_after_convergence(monkeypatch) -> None:
+    """Checks after 10 and 20 iterations, then where the rate predicts: within 35 iterations
+    the solver has seen a residual below the tolerance (checking every 20 iterations, it
+    would not have), and its weights are those of a far tighter solve."""
+    import torchgram.weightings._dual_cone as dual_cone
+
+    checks: list[float] = []
+    residual = dual_cone._box_residual
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        checks.append(float(residual(*args)))
+        return residual(*args)
+
+    monkeypatch.setattr(dual_cone, "_box_residual", counting)
+    G = _gramian(64, 128, 0)
+    w = W.upgrad(G, tol=1e-6, max_iters=35)
+    assert len(checks) == 3 and checks[-1] <= 1e-6 < min(checks[:-1]), checks
+    torch.testing.assert_close(w, W.upgrad(G, tol=1e-12, max_iters=2000), atol=1e-7, rtol=0)
 
 
 def test_solver_under_vmap_runs_all_iterations_and_agrees() -> None:
