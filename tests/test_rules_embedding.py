@@ -44,8 +44,13 @@ def test_ghost_and_compact_forms_agree() -> None:
     D = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     factor = Embedding(None, TOKENS, D, 7)
     g = factor.materialise().reshape(6, -1)
-    compact, _ = factor._compact()
-    assert torch.allclose(compact.reshape(6, -1) @ compact.reshape(6, -1).T, g @ g.T)
+    for chunk, blocks in ((2**30, 1), (2 * 3 * 4 * 8 * 2, 4), (1, 7)):
+        compact = list(factor._compact_blocks(chunk))  # 7 distinct tokens, 2 per block
+        assert len(compact) == blocks
+        assert sum(c.reshape(6, -1) @ c.reshape(6, -1).T for c in compact).allclose(g @ g.T)
+        # each block the gradients on its tokens (the distinct tokens in sorted order)
+        whole = torch.cat(compact, dim=2)
+        assert torch.equal(whole, factor.materialise()[:, :, TOKENS.unique()])
     # a big table makes the compact form the cheaper one, a small one the ghost form
     big = Embedding(None, TOKENS, D, 10_000)
     for f in (factor, big):

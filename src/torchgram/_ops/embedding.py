@@ -6,12 +6,15 @@ cotangent ``D[k, i, t]`` into row ``tokens[i, t]`` (cotangents at the padding in
 that row gets no gradient). Two forms of the Gramian:
 
 - ghost: ``G[(k,i),(l,j)] = sum_ts [tokens[i,t] == tokens[j,s]] <D[k,i,t], D[l,j,s]>``;
-- compact: the per-sample gradients on the U distinct tokens of the batch only, ``[K, B, U, d]``.
+- compact: the per-sample gradients on the U distinct tokens of the batch only, ``[K, B, U, d]``,
+  built a block of tokens at a time within ``max_chunk_bytes``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,7 @@ from torchgram._factors import (
     cotangent_cost,
     dense_gramian,
     ghost_from_similarity,
+    rows_per_chunk,
 )
 from torchgram._ops.common import Contribution, Rule
 from torchgram._uses import DataRef, ParamView, Use
@@ -76,14 +80,26 @@ class Embedding:
     D: Tensor
     rows: int
 
-    def _compact(self) -> tuple[Tensor, int]:
-        """Per-sample gradients on the distinct tokens: ``[K, B, U, d]``, and U."""
+    def _compact_blocks(self, chunk_bytes: int) -> Iterator[Tensor]:
+        """Per-sample gradients on the distinct tokens of the batch, ``[K, B, u, d]`` for
+        consecutive blocks of u of them, each within ``chunk_bytes``: the lookups sorted by
+        token once, each block adds its own range of them."""
         K, B, T, d = self.D.shape
-        distinct, inverse = torch.unique(self.tokens, return_inverse=True)
+        distinct, inverse, counts = torch.unique(
+            self.tokens, return_inverse=True, return_counts=True
+        )
         U = distinct.numel()
-        slots = (inverse + U * torch.arange(B, device=inverse.device).unsqueeze(1)).reshape(-1)
-        g = self.D.new_zeros(K, B * U, d).index_add_(1, slots, self.D.reshape(K, B * T, d))
-        return g.view(K, B, U, d), U
+        step = rows_per_chunk(K * B * d * self.D.element_size(), chunk_bytes, U)
+        order = torch.argsort(inverse.reshape(-1))
+        token, sample = inverse.reshape(-1)[order], order // T
+        D = self.D.reshape(K, B * T, d)[:, order]
+        ends = [0, *counts.cumsum(0).tolist()]
+        for start in range(0, U, step):
+            stop = min(U, start + step)
+            lookups = slice(ends[start], ends[stop])
+            slots = token[lookups] - start + (stop - start) * sample[lookups]
+            g = D.new_zeros(K, B * (stop - start), d).index_add_(1, slots, D[:, lookups])
+            yield g.view(K, B, stop - start, d)
 
     def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         """Per-sample gradients ``[K, B, V, d]``."""
@@ -123,8 +139,8 @@ class Embedding:
                 return (tokens[i].reshape(-1, 1) == tokens[j].reshape(1, -1)).to(self.D.dtype)
 
             return ghost_from_similarity(similarity, self.D, chunk_bytes)
-        g, _ = self._compact()
-        return dense_gramian(g)
+        parts = [dense_gramian(g) for g in self._compact_blocks(chunk_bytes)]
+        return functools.reduce(operator.add, parts)
 
 
 RULES: dict[str, Rule] = {"embedding": embedding_rule}
