@@ -39,6 +39,44 @@ def test_tied_output_head(monkeypatch, rows) -> None:
     check_exact(monkeypatch, fn, _table(), TOKENS)
 
 
+@pytest.mark.parametrize("chunk", [2**30, 100, 1])
+@pytest.mark.parametrize("lookups", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_tied_head_adds_lookups_into_its_gradient_blocks(monkeypatch, chunk, lookups, rows):
+    """A tied head whose materialised form is the cheaper: the lookups (one or two, one with a
+    padding index) are added into each block of the head's per-sample gradients (blocks of 4,
+    then of one row of the table, with smaller chunks). With two rows per sample the two
+    factors are not joined, as before."""
+    import torchgram._assemble as assemble
+
+    taken: list[bool] = []
+    tied = assemble._tied_gramian
+
+    def spy(group, chunk_bytes):  # type: ignore[no-untyped-def]
+        G = tied(group, chunk_bytes)
+        taken.append(G is not None)
+        return G
+
+    monkeypatch.setattr(assemble, "_tied_gramian", spy)
+
+    def fn(params, tokens):
+        h = torch.tanh(F.embedding(tokens, params["table"], padding_idx=0))
+        if lookups == 2:
+            h = h + F.embedding(tokens.flip(-1), params["table"]).sin()
+        logits = F.linear(h, params["table"])  # [B, T, V]
+        return logits.log_softmax(-1)[..., :rows].sum(-2).squeeze(-1)
+
+    check_exact(monkeypatch, fn, _table(), TOKENS, max_chunk_bytes=chunk)
+    assert taken[0] == (rows == 1), taken  # then the generic rule's run, which it compares
+
+
+@pytest.mark.parametrize("rows", [7, 100_000])
+def test_no_tokens(rows) -> None:
+    """Sequences of length 0: a zero Gramian in either form."""
+    factor = Embedding(None, torch.zeros(3, 0, dtype=torch.long), torch.zeros(1, 3, 0, 4), rows)
+    assert torch.equal(factor.gramian(), torch.zeros(3, 3))
+
+
 def test_ghost_and_compact_forms_agree() -> None:
     torch.manual_seed(0)
     D = torch.randn(2, 3, 5, 4, dtype=torch.float64)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -312,21 +312,55 @@ def cross_ghost(
     return torch.cat(rows, dim=1).reshape(K_a * B_a, K_b * B_b)
 
 
-def materialised_gramian(A: Tensor, D: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+def materialised_gramian(
+    A: Tensor,
+    D: Tensor,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    lookups: Sequence[tuple[Tensor, Tensor]] = (),
+) -> Tensor:
     """The Gramian of per-sample gradients ``D[k, i]ᵀ A[i]``, built a block of rows of g at a time.
 
     The gradients are split along ``d_out``: each block ``[K, B, e, d_in]`` of them adds its own
     Gramian, so no more than ``chunk_bytes`` of gradients exist at once and no work is repeated.
+    ``lookups``: ``(tokens [B, T'], cotangents [K, B, T', d_in])`` of lookups of rows of the same
+    ``[d_out, d_in]`` table (an embedding tied to this map), each adding its cotangent to row
+    ``tokens[i, t]`` of g[k, i].
     """
     K, B, _, d_out = D.shape
     per_row = K * B * A.shape[-1] * A.element_size()
     step = rows_per_chunk(per_row, chunk_bytes, d_out)
+    added = [_sorted_lookups(tokens, E, d_out, step) for tokens, E in lookups]
     G: Tensor | None = None
-    for start in range(0, d_out, step):
-        part = dense_gramian(per_sample_products(D[..., start : start + step], A))
+    for block, start in enumerate(range(0, d_out, step)):
+        g = per_sample_products(D[..., start : start + step], A)  # [K, B, e, d_in]
+        for rows, order, E, ends in added:
+            if ends[block] == ends[block + 1]:
+                continue  # no lookup of this block's rows
+            found = slice(ends[block], ends[block + 1])
+            sample = order[found, None] // (E.shape[1] // B)
+            # g is a view of a [B, K, e, d_in] product: add there, at rows (i, k, r)
+            flat = g.transpose(0, 1).view(-1, g.shape[-1])
+            at = (sample * K + torch.arange(K, device=g.device)) * g.shape[2]
+            at = at + (rows[found, None] - start)
+            values = E[:, order[found]].transpose(0, 1)  # [n, K, d_in]
+            flat.index_add_(0, at.reshape(-1), values.reshape(-1, g.shape[-1]).to(g.dtype))
+        part = dense_gramian(g)
         G = part if G is None else G + part
     assert G is not None
     return G
+
+
+def _sorted_lookups(
+    tokens: Tensor, E: Tensor, d_out: int, step: int
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """A table's lookups sorted by row: the rows, where each lookup is among the ``B * T``,
+    the cotangents ``[K, B * T, d]`` (a view), and where each block of ``step`` rows begins
+    among the sorted lookups (one host synchronisation)."""
+    K, B, T = E.shape[:3]
+    rows, order = torch.sort(tokens.reshape(-1))
+    bounds = torch.arange(0, d_out + step, step, device=rows.device).clamp(max=d_out)
+    ends = torch.searchsorted(rows, bounds).tolist()
+    return rows, order, E.reshape(K, B * T, -1), ends
 
 
 def per_sample_products(D: Tensor, A: Tensor) -> Tensor:

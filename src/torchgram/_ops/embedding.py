@@ -12,8 +12,6 @@ that row gets no gradient). Two forms of the Gramian:
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -92,13 +90,13 @@ class Embedding:
         step = rows_per_chunk(K * B * d * self.D.element_size(), chunk_bytes, U)
         order = torch.argsort(inverse.reshape(-1))
         token, sample = inverse.reshape(-1)[order], order // T
-        D = self.D.reshape(K, B * T, d)[:, order]
+        D = self.D.reshape(K, B * T, d)
         ends = [0, *counts.cumsum(0).tolist()]
         for start in range(0, U, step):
             stop = min(U, start + step)
             lookups = slice(ends[start], ends[stop])
             slots = token[lookups] - start + (stop - start) * sample[lookups]
-            g = D.new_zeros(K, B * (stop - start), d).index_add_(1, slots, D[:, lookups])
+            g = D.new_zeros(K, B * (stop - start), d).index_add_(1, slots, D[:, order[lookups]])
             yield g.view(K, B, stop - start, d)
 
     def materialise(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
@@ -139,8 +137,10 @@ class Embedding:
                 return (tokens[i].reshape(-1, 1) == tokens[j].reshape(1, -1)).to(self.D.dtype)
 
             return ghost_from_similarity(similarity, self.D, chunk_bytes)
-        parts = [dense_gramian(g) for g in self._compact_blocks(chunk_bytes)]
-        return functools.reduce(operator.add, parts)
+        G = self.D.new_zeros(K * B, K * B)  # stays zero without tokens
+        for g in self._compact_blocks(chunk_bytes):
+            G += dense_gramian(g)
+        return G
 
 
 RULES: dict[str, Rule] = {"embedding": embedding_rule}
