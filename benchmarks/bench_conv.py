@@ -106,7 +106,7 @@ def _depthwise_row(
     name: str, B: int, C: int, size: int, kernel: int, stride: int, repeats: int
 ) -> str:
     """The depthwise layer's Gramian by the grouped and the depthwise kernels, and its JD
-    direction (the weighted gradient) by the backend and by the depthwise kernel."""
+    direction (the weighted gradient) by the backend and as torchgram computes it."""
     out = (size + 2 * (kernel // 2) - kernel) // stride + 1
     x = torch.randn(B, 1, C, size, size)
     dy = torch.randn(1, B, 1, C, out, out)
@@ -147,13 +147,13 @@ def main() -> None:
     print("\nCells: median time / median time of the batch's weight-gradient convolution; ")
     print("* the choice of Conv (form, then kernel); - not applicable (patches over the chunk, ")
     print("pixels with stride 2).")
-    columns = ("grouped", "depthwise", "direction, backend", "direction, depthwise")
+    columns = ("grouped", "depthwise", "direction, backend", "direction, torchgram")
     print("\n| depthwise layer | weight gradient (ms) | " + " | ".join(columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for layer in DEPTHWISE_LAYERS:
         print(_depthwise_row(*layer, repeats=args.repeats), flush=True)
     print("\nCells: median time / median time of the batch's weight-gradient convolution;")
-    print("* the kernel Conv chooses (the direction takes the same kernel).")
+    print("* the kernel Conv chooses (torchgram's direction takes the same kernel).")
 
 
 if __name__ == "__main__":

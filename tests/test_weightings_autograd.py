@@ -99,6 +99,14 @@ def test_solver_checks_where_the_rate_predicts_convergence(previous, current, ex
     assert _until_next_check(previous, current, tol=1e-5) == expected
 
 
+@pytest.mark.parametrize("tol", [0.0, -1.0])
+def test_solver_without_a_positive_tolerance_runs_max_iters(tol: float) -> None:
+    """No rate can reach a tolerance of 0: the checks stay 20 iterations apart."""
+    assert _until_next_check((10, 1e-3), (20, 1e-5), tol=tol) == 20
+    G = _gramian(6, 3, 0)
+    torch.testing.assert_close(W.upgrad(G, tol=tol, max_iters=50), W.upgrad(G, max_iters=50))
+
+
 def test_solver_stops_soon_after_convergence(monkeypatch) -> None:
     """Checks after 10 and 20 iterations, then where the rate predicts: within 35 iterations
     the solver has seen a residual below the tolerance (checking every 20 iterations, it

@@ -96,10 +96,10 @@ def _until_next_check(
     if previous is None:
         return _CHECK_EVERY // 2
     (i, before), (j, now) = previous, current
-    if not 0.0 < now < before:
-        return _CHECK_EVERY
-    rate = math.log(now / before) / (j - i)  # log of the residual's factor per iteration
     target = tol * _CHECK_MARGIN
+    if not (0.0 < now < before < math.inf and target > 0.0 and now / before > 0.0):
+        return _CHECK_EVERY  # no progress, or tol <= 0 (then max_iters iterations run)
+    rate = math.log(now / before) / (j - i)  # log of the residual's factor per iteration
     return min(_CHECK_EVERY, max(1, math.ceil(math.log(target / now) / rate)))
 
 
