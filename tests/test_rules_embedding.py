@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import flat_gramian
 from rule_check import check_exact, rule_counts
+from torch.func import grad, vmap
 
+import torchgram
 from torchgram._ops.embedding import Embedding
 
 TOKENS = torch.tensor([[1, 2, 0, 3, 3], [0, 0, 5, 6, 1], [2, 2, 2, 4, 0]])
@@ -68,6 +71,30 @@ def test_tied_head_adds_lookups_into_its_gradient_blocks(monkeypatch, chunk, loo
 
     check_exact(monkeypatch, fn, _table(), TOKENS, max_chunk_bytes=chunk)
     assert taken[0] == (rows == 1), taken  # then the generic rule's run, which it compares
+
+
+def test_tied_head_under_transforms() -> None:
+    """The tied head's Gramian over an ensemble of tables and over batches of tokens (vmapped
+    tokens take the one-hot join: the lookups' blocks need their values on the host), and
+    differentiated."""
+
+    def fn(params, tokens):
+        h = torch.tanh(F.embedding(tokens, params["table"], padding_idx=0))
+        return F.linear(h, params["table"]).log_softmax(-1)[..., 0].sum(-1)
+
+    tables = torch.randn(2, 7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    transform = torchgram.gramian_of(fn, batch_dim=0)
+    ensemble = vmap(transform, in_dims=({"table": 0}, None))({"table": tables}, TOKENS)
+    batches = torch.stack([TOKENS, TOKENS.flip(-1)])
+    over_tokens = vmap(transform, in_dims=(None, 0))({"table": tables[0]}, batches)
+    for i in range(2):
+        expected = flat_gramian(fn, {"table": tables[i]}, TOKENS)
+        assert torch.allclose(ensemble[i], expected, rtol=1e-10)
+        expected = flat_gramian(fn, {"table": tables[0]}, batches[i])
+        assert torch.allclose(over_tokens[i], expected, rtol=1e-10)
+    ours = grad(lambda p: transform(p, TOKENS).trace())({"table": tables[0]})
+    oracle = grad(lambda p: flat_gramian(fn, p, TOKENS).trace())({"table": tables[0]})
+    assert torch.allclose(ours["table"], oracle["table"], rtol=1e-9)
 
 
 @pytest.mark.parametrize("rows", [7, 100_000])

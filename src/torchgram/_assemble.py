@@ -33,6 +33,7 @@ from torchgram._factors import (
     materialised_gramian,
     use_ghost,
 )
+from torchgram._internals import is_wrapped
 from torchgram._ops.embedding import Embedding
 from torchgram._uses import positions
 
@@ -209,6 +210,8 @@ def _tied_gramian(group: list[Factor], chunk_bytes: int) -> Tensor | None:
         return None
     (head,) = linear
     if head.D.shape[0] != 1 or any(e.D.shape[0] != 1 for e in lookups):  # joined only then
+        return None
+    if any(is_wrapped(e.tokens) for e in lookups):  # tokens under vmap: no host sync on them
         return None
     B, T, d_in = head.A.shape
     tokens = T + sum(e.tokens.shape[1] for e in lookups)
