@@ -81,16 +81,20 @@ class Embedding:
     def _compact_blocks(self, chunk_bytes: int) -> Iterator[Tensor]:
         """Per-sample gradients on the distinct tokens of the batch, ``[K, B, u, d]`` for
         consecutive blocks of u of them, each within ``chunk_bytes``: the lookups sorted by
-        token once, each block adds its own range of them."""
+        token once, each block adds its own range of them (one block needs no sorting)."""
         K, B, T, d = self.D.shape
         distinct, inverse, counts = torch.unique(
             self.tokens, return_inverse=True, return_counts=True
         )
         U = distinct.numel()
         step = rows_per_chunk(K * B * d * self.D.element_size(), chunk_bytes, U)
+        D = self.D.reshape(K, B * T, d)
+        if step >= U:  # one block: no sorting
+            slots = (inverse + U * torch.arange(B, device=inverse.device).unsqueeze(1)).reshape(-1)
+            yield D.new_zeros(K, B * U, d).index_add_(1, slots, D).view(K, B, U, d)
+            return
         order = torch.argsort(inverse.reshape(-1))
         token, sample = inverse.reshape(-1)[order], order // T
-        D = self.D.reshape(K, B * T, d)
         ends = [0, *counts.cumsum(0).tolist()]
         for start in range(0, U, step):
             stop = min(U, start + step)
