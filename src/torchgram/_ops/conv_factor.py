@@ -89,8 +89,7 @@ class Conv:
             d = c_in * math.prod(self.kernel)
             blocks = [g.view(K, B, d, -1) for g in self._patch_blocks(chunk_bytes)]
             return torch.cat(blocks, dim=-1).transpose(-1, -2).reshape(K, B, -1, c_in, *self.kernel)
-        make = {"grouped": self._grouped_blocks, "depthwise": self._depthwise_blocks}
-        (g,) = make.get(kernel, self._blocks)(None)
+        (g,) = self._blocks_by(kernel)(None)
         return g.reshape(K, B, -1, c_in, *self.kernel)
 
     def as_linear(self) -> Linear:
@@ -125,12 +124,7 @@ class Conv:
         form = self.form()
         if form != "materialised":
             return self._ghost(chunk_bytes, pixels=form == "pixels")
-        make = {
-            "patches": self._patch_blocks,
-            "grouped": self._grouped_blocks,
-            "depthwise": self._depthwise_blocks,
-        }
-        blocks = make.get(self.kernel_for_gradients(chunk_bytes), self._blocks)(chunk_bytes)
+        blocks = self._blocks_by(self.kernel_for_gradients(chunk_bytes))(chunk_bytes)
         total: Tensor | None = None
         for g in blocks:
             part = g @ g.T
@@ -260,6 +254,14 @@ class Conv:
                 # reshape: the gradient is channels-last where the input was
                 block.append(self._weight_grad(grads, images, B * count).reshape(B, -1))
             yield torch.cat(block) if K > 1 else block[0]
+
+    def _blocks_by(self, kernel: str) -> Callable[..., Iterator[Tensor]]:
+        """The generator of per-row gradient blocks of ``kernel`` (``kernel_for_gradients``)."""
+        return {
+            "patches": self._patch_blocks,
+            "grouped": self._grouped_blocks,
+            "depthwise": self._depthwise_blocks,
+        }.get(kernel, self._blocks)
 
     def _slow_depthwise_kernel(self) -> bool:
         """Whether the backend's depthwise weight-gradient kernel is the slow one for this
