@@ -73,6 +73,17 @@ def test_tied_head_adds_lookups_into_its_gradient_blocks(monkeypatch, chunk, loo
     assert taken[0] == (rows == 1), taken  # then the generic rule's run, which it compares
 
 
+def test_tied_head_with_an_empty_lookup(monkeypatch) -> None:
+    """A second lookup of the table with no tokens adds nothing."""
+
+    def fn(params, tokens, none):
+        h = torch.tanh(F.embedding(tokens, params["table"]))
+        lookup = F.embedding(none, params["table"]).cos().sum((-1, -2))
+        return F.linear(h, params["table"]).log_softmax(-1)[..., 0].sum(-1) + lookup
+
+    check_exact(monkeypatch, fn, _table(), TOKENS, TOKENS[:, :0])
+
+
 def test_tied_head_under_transforms() -> None:
     """The tied head's Gramian over an ensemble of tables and over batches of tokens (vmapped
     tokens take the one-hot join: the lookups' blocks need their values on the host), and

@@ -213,6 +213,8 @@ def _tied_gramian(group: list[Factor], chunk_bytes: int) -> Tensor | None:
         return None
     if any(is_wrapped(e.tokens) for e in lookups):  # tokens under vmap: no host sync on them
         return None
+    if not (is_wrapped(head.A) or is_wrapped(head.D)) and any(is_wrapped(e.D) for e in lookups):
+        return None  # batched lookups cannot be added in place into unbatched blocks
     B, T, d_in = head.A.shape
     tokens = T + sum(e.tokens.shape[1] for e in lookups)
     if use_ghost(torch.Size((B, tokens, d_in)), torch.Size((1, B, tokens, head.D.shape[-1]))):

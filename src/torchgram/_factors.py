@@ -360,7 +360,7 @@ def _sorted_lookups(
     rows, order = torch.sort(tokens.reshape(-1))
     bounds = torch.arange(0, d_out + step, step, device=rows.device).clamp(max=d_out)
     ends = torch.searchsorted(rows, bounds).tolist()
-    return rows, order, E.reshape(K, B * T, -1), ends
+    return rows, order, E.reshape(K, B * T, E.shape[-1]), ends
 
 
 def per_sample_products(D: Tensor, A: Tensor) -> Tensor:
