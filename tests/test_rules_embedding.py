@@ -42,6 +42,26 @@ def test_tied_output_head(monkeypatch, rows) -> None:
     check_exact(monkeypatch, fn, _table(), TOKENS)
 
 
+@pytest.mark.parametrize("call", ["functional", "module", "builtin"])
+def test_scale_grad_by_freq_is_refused_with_samples(monkeypatch, call) -> None:
+    """The batch's counts scale each row's gradient: refused with batch_dim, exact without."""
+    module = torch.nn.Embedding(7, 4, scale_grad_by_freq=True).double()
+
+    def fn(params, tokens):
+        table = params["table"]
+        if call == "functional":
+            h = F.embedding(tokens, table, scale_grad_by_freq=True)
+        elif call == "module":
+            h = torch.func.functional_call(module, {"weight": table}, (tokens,))
+        else:
+            h = torch.embedding(table, tokens, -1, True, False)
+        return torch.tanh(h).pow(2).sum((-1, -2))
+
+    with pytest.raises(ValueError, match=r"^gramian\(fn, batch_dim=0\): fn calls embedding with"):
+        torchgram.gramian(fn, _table(), TOKENS, batch_dim=0)
+    check_exact(monkeypatch, lambda p, t: fn(p, t)[:2], _table(), TOKENS, batch_dim=None)
+
+
 @pytest.mark.parametrize("chunk", [2**30, 100, 1])
 @pytest.mark.parametrize("lookups", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2])

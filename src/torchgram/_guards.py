@@ -24,6 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from torchgram._internals import active_modes, is_wrapped, tracked
+from torchgram._ops.embedding import check_embedding
 from torchgram._ops.norm import (
     WEIGHTED_NORMS,
     check_batch_norm,
@@ -38,7 +39,7 @@ _NOTED = (
     DROPOUTS
     | RANDOM_OPS
     | WEIGHTED_NORMS
-    | {"batch_norm", "instance_norm", "custom_function_call", "grad", "backward"}
+    | {"batch_norm", "instance_norm", "embedding", "custom_function_call", "grad", "backward"}
 )
 _GRADIENTS = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
 # In-place operators and item assignment (the other in-place ops end with "_").
@@ -198,6 +199,8 @@ class Guard:
             self.random |= draws(name, args, kwargs)
         elif name == "batch_norm":
             check_batch_norm(func, args, kwargs, self.caller, self.per_sample)
+        elif name == "embedding":
+            check_embedding(args, kwargs, self.caller, self.per_sample)
         elif name == "instance_norm":
             self.statistics.extend(
                 instance_norm_statistics(func, args, kwargs, self.caller, self.per_sample)

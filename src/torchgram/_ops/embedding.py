@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ from torchgram._factors import (
     rows_per_chunk,
 )
 from torchgram._ops.common import Contribution, Rule
+from torchgram._ops.norm import CrossSampleOpError
 from torchgram._uses import DataRef, ParamView, Use
 
 Tensor = torch.Tensor
@@ -40,7 +42,8 @@ def embedding_rule(
 
     ``F.embedding(indices, weight, ...)`` is stepped into by the tape and records this builtin,
     whose first argument is the table. Rows at ``padding_idx`` get no gradient; with
-    ``scale_grad_by_freq`` the generic rule takes over.
+    ``scale_grad_by_freq`` (only without samples, see ``check_embedding``) the generic rule
+    takes over.
     """
     args, kwargs = use.arguments()
     if kwargs or len(args) < 2:
@@ -60,6 +63,24 @@ def embedding_rule(
     if padding_idx is not None and padding_idx >= 0:
         D = D * (tokens != padding_idx).unsqueeze(-1).to(D.dtype)
     return [(weight.leaf, Embedding(weight.index, tokens, D, rows))]
+
+
+def check_embedding(args: Sequence[Any], kwargs: dict, caller: str, per_sample: bool) -> None:
+    """Refuse ``scale_grad_by_freq`` with samples: it divides a row's gradient by the row's
+    count in the whole batch, so a sample's gradient depends on the other samples (per sample,
+    the tokens would be counted in that sample alone). With ``batch_dim=None`` every row sees
+    the batch's counts, as autograd does: exact."""
+    if kwargs:  # F.embedding(input, weight, ..., scale_grad_by_freq=...)
+        scaled = kwargs.get("scale_grad_by_freq", False)
+    else:  # torch.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)
+        scaled = args[3] if len(args) > 3 else False
+    if per_sample and scaled:
+        raise CrossSampleOpError(
+            f"{caller}: fn calls embedding with scale_grad_by_freq=True, which divides each "
+            "row's gradient by that row's count in the whole batch, so a sample's gradient "
+            "depends on the other samples and batch_dim's promise does not hold. Pass "
+            "scale_grad_by_freq=False, or batch_dim=None (exact, with the batch's counts)."
+        )
 
 
 @dataclass(frozen=True)
