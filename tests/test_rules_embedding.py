@@ -128,6 +128,20 @@ def test_tied_head_under_transforms() -> None:
     assert torch.allclose(ours["table"], oracle["table"], rtol=1e-9)
 
 
+def test_large_table_under_vmapped_tokens() -> None:
+    """A table large enough for the compact form, whose distinct tokens cannot be found under
+    vmap: the ghost form then, exact."""
+    table = {"table": torch.randn(100_000, 4, dtype=torch.float64)}
+
+    def fn(params, tokens):
+        return torch.tanh(F.embedding(tokens, params["table"])).pow(2).sum((-1, -2))
+
+    batches = torch.stack([TOKENS, TOKENS.flip(-1)])
+    G = vmap(torchgram.gramian_of(fn, batch_dim=0), in_dims=(None, 0))(table, batches)
+    for i in range(2):
+        assert torch.allclose(G[i], flat_gramian(fn, table, batches[i]), rtol=1e-10)
+
+
 @pytest.mark.parametrize("rows", [7, 100_000])
 def test_no_tokens(rows) -> None:
     """Sequences of length 0: a zero Gramian in either form."""

@@ -28,6 +28,7 @@ from torchgram._factors import (
     ghost_from_similarity,
     rows_per_chunk,
 )
+from torchgram._internals import is_wrapped
 from torchgram._ops.common import Contribution, Rule
 from torchgram._ops.norm import CrossSampleOpError
 from torchgram._uses import DataRef, ParamView, Use
@@ -155,7 +156,10 @@ class Embedding:
         """``[K*B, K*B]``, in the cheaper of the ghost and compact forms."""
         K, B, T, d = self.D.shape
         distinct = min(B * T, self.rows)  # an upper bound on U, known without a sync
-        if B * B * T * T + cotangent_cost(K, B, T, d) < K * B * T * d + (K * B) ** 2 * distinct * d:
+        ghost = (
+            B * B * T * T + cotangent_cost(K, B, T, d) < K * B * T * d + (K * B) ** 2 * distinct * d
+        )
+        if ghost or is_wrapped(self.tokens):  # tokens under vmap: no distinct tokens to find
             tokens = self.tokens
 
             def similarity(i: slice, j: slice) -> Tensor:
