@@ -105,8 +105,7 @@ class Conv:
     def weighted(self, weights: Tensor) -> Tensor:
         """``sum_ki weights[k, i] g[k, i]``, ``[C_out, C_in / G, *kernel]``: one convolution
         (for a depthwise weight, the per-sample gradients of the weighted cotangents by
-        ``_depthwise_blocks``, summed: 3-10x faster than one convolution of all samples' images
-        by those kernels, measured on MobileNetV3's and ConvNeXt's layers)."""
+        ``_depthwise_blocks``, summed; ``bench_conv.py`` times it against the backend's)."""
         grads = torch.einsum("kb,kb...->b...", weights, self.dy)
         if self.kernel_for_gradients(DEFAULT_CHUNK_BYTES) == "depthwise":
             B, C_out = grads.shape[0], grads.shape[2]
@@ -266,8 +265,8 @@ class Conv:
     def _slow_depthwise_kernel(self) -> bool:
         """Whether the backend's depthwise weight-gradient kernel is the slow one for this
         layer: oneDNN has a fast one for 3 x 3 kernels without dilation over outputs of more
-        than 4 positions, and takes 5-40x longer than ``_depthwise_blocks`` for the 5 x 5 and
-        7 x 7 kernels of MobileNet and ConvNeXt (measured on CPU, in 2-D)."""
+        than 4 positions, and takes 3-10x longer than ``_depthwise_blocks`` for the 5 x 5 and
+        7 x 7 kernels of MobileNet and ConvNeXt (``bench_conv.py``, CPU, 2-D)."""
         three = all(k == 3 for k in self.kernel) and all(d == 1 for d in self.dilation)
         return not three or math.prod(self.dy.shape[4:]) <= 4
 

@@ -105,9 +105,7 @@ class Embedding:
         consecutive blocks of u of them, each within ``chunk_bytes``: the lookups sorted by
         token once, each block adds its own range of them (one block needs no sorting)."""
         K, B, T, d = self.D.shape
-        distinct, inverse, counts = torch.unique(
-            self.tokens, return_inverse=True, return_counts=True
-        )
+        distinct, inverse = torch.unique(self.tokens, return_inverse=True)
         U = distinct.numel()
         step = rows_per_chunk(K * B * d * self.D.element_size(), chunk_bytes, U)
         D = self.D.reshape(K, B * T, d)
@@ -117,7 +115,7 @@ class Embedding:
             return
         order = torch.argsort(inverse.reshape(-1))
         token, sample = inverse.reshape(-1)[order], order // T
-        ends = [0, *counts.cumsum(0).tolist()]
+        ends = [0, *torch.bincount(token, minlength=U).cumsum(0).tolist()]
         for start in range(0, U, step):
             stop = min(U, start + step)
             lookups = slice(ends[start], ends[stop])
