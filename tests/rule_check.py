@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from oracle import flat_gramian, jacobian_matrix
 
 import torchgram
+import torchgram._assemble as assemble
 import torchgram._ops as rules
 from torchgram._linearised import Options
 from torchgram._pytree import split_inputs
@@ -34,12 +36,19 @@ def check_exact(
 ) -> None:
     """The Gramian and vjp_fn match the oracle, and the Gramian matches the generic rule's.
 
-    One run each (no first-call comparison of runs: the tests count what the rules build)."""
+    vjp_fn is checked twice: reusing the per-sample gradients the Gramian kept (where it keeps
+    any), then from the factors alone (none kept). One run each (no first-call comparison of
+    runs: the tests count what the rules build)."""
     options.setdefault("check_samples", False)
     out, vjp_fn, G = torchgram.vjp_and_gramian(fn, params, *args, batch_dim=batch_dim, **options)
     J = jacobian_matrix(fn, params, *args)
     assert _close(torchgram.flatten(G), flat_gramian(fn, params, *args))
     weights = torch.randn_like(out)
+    direction = torch.cat([t.reshape(-1) for t in optree.tree_leaves(vjp_fn(weights))])
+    assert _close(direction, weights.reshape(-1) @ J)
+    with monkeypatch.context() as patch:
+        patch.setattr(assemble, "_REUSE_GAIN", math.inf)
+        _, vjp_fn, _ = torchgram.vjp_and_gramian(fn, params, *args, batch_dim=batch_dim, **options)
     direction = torch.cat([t.reshape(-1) for t in optree.tree_leaves(vjp_fn(weights))])
     assert _close(direction, weights.reshape(-1) @ J)
     with monkeypatch.context() as patch:

@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -42,6 +42,29 @@ class Factor(Protocol):
     def weighted(self, weights: Tensor) -> Tensor: ...
 
     def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor: ...
+
+
+@runtime_checkable
+class Reusable(Protocol):
+    """A factor whose Gramian may build per-sample gradients the direction can reuse."""
+
+    def reuse_gain(self) -> float: ...
+
+    def gramian_keeping(self, chunk_bytes: int, keep: list[Kept] | None) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A block of per-row gradients that a Gramian built, kept for the direction to reuse.
+
+    Attributes:
+        g: ``[K*B, n]``, rows ``k * B + i``.
+        rows: Turns a weighted sum ``[n]`` of the rows of ``g`` into the leaf's layout: the
+            block's ``[c, ...]`` consecutive entries along the leaf's first dimension.
+    """
+
+    g: Tensor
+    rows: Callable[[Tensor], Tensor]
 
 
 def common(factor: Any, first: str, second: str) -> None:
@@ -100,6 +123,17 @@ class Linear:
         if use_ghost(self.A.shape, self.D.shape):
             return ghost_gramian(self.A, self.D, chunk_bytes)
         return materialised_gramian(self.A, self.D, chunk_bytes)
+
+    def reuse_gain(self) -> float:
+        """How many times less work weighting kept per-sample gradients takes than ``weighted``
+        (``T / K``: its product sums over the T tokens), where the Gramian builds them (the
+        materialised form); else 0."""
+        K, _, T = self.D.shape[:3]
+        return 0.0 if use_ghost(self.A.shape, self.D.shape) else T / K
+
+    def gramian_keeping(self, chunk_bytes: int, keep: list[Kept] | None) -> Tensor:
+        """The materialised Gramian, its per-sample gradient blocks appended to ``keep``."""
+        return materialised_gramian(self.A, self.D, chunk_bytes, keep=keep)
 
     def gramian_with_bias(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor | None:
         """The Gramian of the weight's and the bias's gradients together (the bias as a column
@@ -317,6 +351,7 @@ def materialised_gramian(
     D: Tensor,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     lookups: Sequence[tuple[Tensor, Tensor]] = (),
+    keep: list[Kept] | None = None,
 ) -> Tensor:
     """The Gramian of per-sample gradients ``D[k, i]ᵀ A[i]``, built a block of rows of g at a time.
 
@@ -324,7 +359,7 @@ def materialised_gramian(
     Gramian, so no more than ``chunk_bytes`` of gradients exist at once and no work is repeated.
     ``lookups``: ``(tokens [B, T'], cotangents [K, B, T', d_in])`` of lookups of rows of the same
     ``[d_out, d_in]`` table (an embedding tied to this map), each adding its cotangent to row
-    ``tokens[i, t]`` of g[k, i].
+    ``tokens[i, t]`` of g[k, i]. ``keep``: where to append the blocks, for the direction.
     """
     K, B, _, d_out = D.shape
     per_row = K * B * A.shape[-1] * A.element_size()
@@ -344,10 +379,18 @@ def materialised_gramian(
             at = at + (rows[found, None] - start)
             values = E[:, order[found]].transpose(0, 1)  # [n, K, d_in]
             flat.index_add_(0, at.reshape(-1), values.reshape(-1, g.shape[-1]).to(g.dtype))
+        if keep is not None:
+            flat = g.reshape(K * B, -1)
+            keep.append(Kept(flat, functools.partial(_unflatten, columns=g.shape[-1])))
+            g = flat.view(K, B, -1)
         part = dense_gramian(g)
         G = part if G is None else G + part
     assert G is not None
     return G
+
+
+def _unflatten(v: Tensor, columns: int) -> Tensor:
+    return v.view(-1, columns)
 
 
 def _sorted_lookups(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from torchgram._assemble import gramian_of_factors, weighted_gradients
-from torchgram._factors import DEFAULT_CHUNK_BYTES, Dense, Factor
+from torchgram._factors import DEFAULT_CHUNK_BYTES, Dense, Factor, Kept
 from torchgram._ops import use_factors
 from torchgram._ops.generic import NoGenericRule
 from torchgram._shapes import generalize
@@ -45,6 +45,7 @@ class Linearised:
         gradients: Each leaf's gradients ``[K, *leaf.shape]`` of the K rows, where the run
             pulled the rows back to the parameters instead of the taps (then the records and
             cotangents are empty, and these are the factors), else None.
+        kept: Per-sample gradients the last ``gramian`` kept for ``vjp``, by leaf.
     """
 
     out: Tensor
@@ -59,6 +60,7 @@ class Linearised:
     statistics: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     caller: str = "gramian"
     gradients: list[Tensor] | None = None
+    kept: dict[int, list[Kept]] | None = None
 
     @functools.cached_property
     def contributions(self) -> list[tuple[int, Factor]]:
@@ -78,13 +80,16 @@ class Linearised:
         """Drop the factors made so far (made without grad for a comparison: made again for a
         Gramian that may need a graph)."""
         self.__dict__.pop("contributions", None)
+        self.kept = None
 
     def gramian(self, release: bool = False) -> Tensor:
         """The generalized Gramian ``S + S[::-1]``.
 
         ``release``: let go of the factors, and of the records and cotangents they hold, leaf by
         leaf as the Gramian is assembled, so that memory falls instead of rising; ``vjp``
-        cannot be called after.
+        cannot be called after. Otherwise, the per-sample gradients the Gramian builds are kept
+        where reusing them saves the direction's work (up to ``chunk_bytes`` in all; see
+        ``torchgram._assemble._reused``), for ``vjp``.
         """
         if not self.out.numel():  # no rows (an empty batch): nothing to pull back or assemble
             shape = (*self.out.shape, *reversed(self.out.shape))
@@ -93,8 +98,14 @@ class Linearised:
         if release:
             del self.contributions
             self.records, self.cotangents, self.gradients = [], [], []
+        self.kept = None if release else {}
         flat = gramian_of_factors(
-            contributions, self.params, self.out.numel(), self.chunk_bytes, release=release
+            contributions,
+            self.params,
+            self.out.numel(),
+            self.chunk_bytes,
+            release=release,
+            keep=self.kept,
         )
         return generalize(flat, self.out.shape, self.batch_dim)
 
@@ -106,7 +117,7 @@ class Linearised:
             rows = weights.reshape(-1, 1)
         else:
             rows = weights.movedim(self.batch_dim, -1).reshape(-1, self.out.shape[self.batch_dim])
-        return weighted_gradients(self.contributions, self.params, rows)
+        return weighted_gradients(self.contributions, self.params, rows, self.kept)
 
 
 @dataclass(frozen=True)

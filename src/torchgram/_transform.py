@@ -249,8 +249,10 @@ def vjp_and_gramian(
     Like ``torch.func.vjp`` with the Gramian added: ``vjp_fn(weights)`` returns
     ``sum_r weights[r] * d out[r] / d params`` as a pytree shaped like ``params``, for weights
     shaped like the output. It reuses what the Gramian was computed from (each use's inputs and
-    output cotangents), so ``fn`` is not run again and no second backward pass is made. This is
-    one step of Jacobian descent: ``vjp_fn(weighting(G))``.
+    output cotangents), so ``fn`` is not run again and no second backward pass is made, and the
+    per-sample gradients the Gramian built where that saves the most work (up to
+    ``max_chunk_bytes`` of them, see the Rules page). This is one step of Jacobian descent:
+    ``vjp_fn(weighting(G))``.
 
     Args:
         fn: ``fn(params, *args) -> out``, as for [`gramian_of`][torchgram.gramian_of].

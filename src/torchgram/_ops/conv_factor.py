@@ -19,6 +19,7 @@ channels to ``C_out / G`` output channels, used at every output position (the to
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from torchgram._factors import (
     DEFAULT_CHUNK_BYTES,
     Dense,
     Factor,
+    Kept,
     Linear,
     common,
     ghost_cost,
@@ -123,13 +125,37 @@ class Conv:
         form = self.form()
         if form != "materialised":
             return self._ghost(chunk_bytes, pixels=form == "pixels")
-        blocks = self._blocks_by(self.kernel_for_gradients(chunk_bytes))(chunk_bytes)
+        return self.gramian_keeping(chunk_bytes, None)
+
+    def reuse_gain(self) -> float:
+        """How many times less work weighting kept per-sample gradients takes than ``weighted``
+        (``T / K``: its convolution sums over the T output positions), where the Gramian
+        builds them (the materialised form); else 0."""
+        K, _, N = self.dy.shape[:3]
+        T = N * math.prod(self.dy.shape[4:])
+        return T / K if self.form() == "materialised" else 0.0
+
+    def gramian_keeping(self, chunk_bytes: int, keep: list[Kept] | None) -> Tensor:
+        """The materialised form: the sum of the blocks' Gramians, each block appended to
+        ``keep`` (unless None) for the direction."""
+        kernel = self.kernel_for_gradients(chunk_bytes)
+        rows = functools.partial(self._weight_rows, transposed=kernel == "patches")
         total: Tensor | None = None
-        for g in blocks:
+        for g in self._blocks_by(kernel)(chunk_bytes):
+            if keep is not None:
+                keep.append(Kept(g, rows))
             part = g @ g.T
             total = part if total is None else total + part
         assert total is not None
         return total
+
+    def _weight_rows(self, v: Tensor, transposed: bool) -> Tensor:
+        """A block's weighted gradient ``[n]`` as weight rows ``[c, C_in / G, *kernel]``; a
+        block of the patch products is laid out ``[C_in / G * prod(kernel), c]``."""
+        c_in = self.x.shape[2] // self.groups
+        if transposed:
+            v = v.view(c_in * math.prod(self.kernel), -1).T
+        return v.reshape(-1, c_in, *self.kernel)
 
     def form(self) -> str:
         """The cheapest form by the cost model, per group: ``"materialised"``, or the ghost form
