@@ -139,9 +139,10 @@ def _reused(
     ranked = []
     for leaf, factors in by_leaf.items():
         factor = factors[0]
-        if len(factors) != 1 or factor.index is not None or not isinstance(factor, Reusable):
+        reuse_gain = getattr(factor, "reuse_gain", None)  # a Reusable (isinstance takes 6 us)
+        if len(factors) != 1 or factor.index is not None or reuse_gain is None:
             continue
-        gain = factor.reuse_gain()
+        gain = reuse_gain()
         if gain >= _REUSE_GAIN:
             ranked.append((gain, leaf))
     chosen, room = set(), budget
