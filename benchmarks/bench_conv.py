@@ -20,11 +20,10 @@ batch's weight gradient and the JD direction by each. This is where the threshol
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
-from _timing import median_time
+from _timing import layer_options, median_time
 
 from torchgram._factors import DEFAULT_CHUNK_BYTES
 from torchgram._ops.conv_factor import Conv
@@ -134,12 +133,7 @@ def _depthwise_row(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = layer_options(__doc__, repeats=5)
     print("| layer | weight gradient (ms) | " + " | ".join(CHOICES) + " |")
     print("|---|---:|" + "---:|" * len(CHOICES))
     for layer in LAYERS:

@@ -7,7 +7,13 @@ import torch
 from rule_check import check_exact, rule_counts
 from zoo import cases
 
-from torchgram._factors import Linear, dense_gramian, ghost_gramian, materialised_gramian
+from torchgram._factors import (
+    Linear,
+    dense_gramian,
+    ghost_gramian,
+    materialised_gramian,
+    use_ghost,
+)
 
 CASES = cases()
 
@@ -162,3 +168,22 @@ def test_addmm_as_transformers_conv1d(monkeypatch, batch_dim, scales) -> None:
 
     check_exact(monkeypatch, fn, params, x, batch_dim=batch_dim)
     assert rule_counts(fn, params, x, batch_dim=batch_dim) == {("addmm", "addmm"): 1}
+
+
+@pytest.mark.parametrize(
+    ("a", "d", "ghost"),
+    [
+        ((32, 17, 192), (1, 32, 17, 768), True),  # the ViT's MLP: fewer plain counts materialised
+        ((32, 17, 768), (1, 32, 17, 192), True),
+        ((32, 17, 256), (1, 32, 17, 256), False),
+        ((32, 64, 192), (1, 32, 64, 768), False),
+        ((64, 8, 192), (1, 64, 8, 768), True),
+        ((32, 1, 5), (1, 32, 1, 5), True),  # one token: no per-sample gradient to build
+    ],
+)
+def test_form_by_weighted_cost(a, d, ghost) -> None:
+    """The materialised form's multiply-adds count 1.4 times (its slower rate on CPU,
+    ``benchmarks/bench_linear.py``): near the crossover the ghost form is taken."""
+    assert use_ghost(torch.Size(a), torch.Size(d)) is ghost
+    if a == (32, 17, 192):
+        assert not use_ghost(torch.Size(a), torch.Size(d), materialised_weight=1)

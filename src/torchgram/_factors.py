@@ -219,9 +219,24 @@ def materialised_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
     return K * B * T * d_in * d_out + (K * B) ** 2 * d_in * d_out
 
 
-def use_ghost(a_shape: torch.Size, d_shape: torch.Size) -> bool:
-    """Whether the ghost form is the cheaper one (T = 1 always is: no per-sample gradient)."""
-    return d_shape[2] == 1 or ghost_cost(a_shape, d_shape) <= materialised_cost(a_shape, d_shape)
+# Measured on CPU (2 threads, ``python benchmarks/bench_linear.py``): the ghost form's products
+# run at a median 87 GMAC/s, the materialised form's (per-sample products that sum over the
+# tokens, then their Gramian) at 67, and at 56-59 over 17 tokens, where the two forms cost about
+# the same. A linear map's materialised multiply-adds count this many times a ghost one (the
+# slower form was taken on 2 of the script's 72 shapes, by up to 0.04 ms, against 4 by up to
+# 1.29x counting them alike).
+MATERIALISED_WEIGHT = 1.4
+
+
+def use_ghost(
+    a_shape: torch.Size, d_shape: torch.Size, materialised_weight: float = MATERIALISED_WEIGHT
+) -> bool:
+    """Whether the ghost form is the cheaper one for a linear map (T = 1 always is: no
+    per-sample gradient), its materialised multiply-adds weighted by their slower rate
+    (a convolution's kernels were measured against the plain counts: weight 1)."""
+    if d_shape[2] == 1:
+        return True
+    return ghost_cost(a_shape, d_shape) <= materialised_weight * materialised_cost(a_shape, d_shape)
 
 
 def rows_per_chunk(bytes_per_row: int, chunk_bytes: int, rows: int) -> int:

@@ -173,7 +173,7 @@ class Conv:
             gathers = math.prod(self.kernel) * (B * T * B * M + (B * T) ** 2)
             pixels = B * B * M * M * c_in + _GATHER_COST * gathers + ghost_cost(a, d)
             pixels -= B * B * T * T * a[-1]  # the patch similarity it replaces
-        ghost = "patches" if use_ghost(a, d) else "materialised"
+        ghost = "patches" if use_ghost(a, d, materialised_weight=1) else "materialised"
         rival = ghost_cost(a, d) if ghost == "patches" else materialised_cost(a, d)
         return "pixels" if pixels is not None and pixels < rival else ghost
 
