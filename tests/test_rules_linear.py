@@ -187,3 +187,18 @@ def test_form_by_weighted_cost(a, d, ghost) -> None:
     assert use_ghost(torch.Size(a), torch.Size(d)) is ghost
     if a == (32, 17, 192):
         assert not use_ghost(torch.Size(a), torch.Size(d), materialised_weight=1)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_linear_with_a_one_dimensional_weight(monkeypatch, batch_dim) -> None:
+    """``F.linear(x, w)`` with ``w`` of shape ``[d_in]`` is ``x @ w``: no output dimension, so
+    not a Linear factor (whose cotangents end in ``d_out``); the generic rule is exact."""
+    torch.manual_seed(0)
+    w = torch.randn(6, dtype=torch.float64)
+    x = torch.randn(3, 8, 6, dtype=torch.float64)
+
+    def fn(params, x):
+        return torch.tanh(torch.nn.functional.linear(x, params["w"])).pow(2).mean(-1)
+
+    check_exact(monkeypatch, fn, {"w": w}, x, batch_dim=batch_dim)
+    assert rule_counts(fn, {"w": w}, x) == {("linear", "generic"): 1}

@@ -36,6 +36,8 @@ def linear_rule(
     bias = argument(args, kwargs, 2, "bias")
     if not (isinstance(weight, ParamView) and data_and_params(x, bias)):
         return None
+    if weight.tensor.dim() != 2:  # a 1-D weight (x @ w, no output dim): the generic rule
+        return None
     (cotangent,) = cotangents
     K, B = cotangent.shape[:2]
     D = cotangent.reshape(K, B, -1, cotangent.shape[-1])
