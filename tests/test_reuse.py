@@ -122,6 +122,9 @@ class _Factor:
     def reuse_gain(self) -> float:
         return self.gain
 
+    def gradient_element_size(self) -> int:
+        return 4
+
     def gramian_keeping(self, chunk_bytes, keep):
         raise AssertionError("not called here")
 
@@ -142,6 +145,9 @@ def test_the_budget_keeps_the_largest_savings_first() -> None:
     assert chosen(99) == {1, 0, 3, 4}  # 20 + 10 + 5 + 1 (leaf 5 does not fit)
     assert chosen(29) == {1, 3, 4}  # 20, then leaf 0 does not fit, then 5 and 1
     assert chosen(0) == set()
+    by_leaf[5][0].gradient_element_size = lambda: 8  # type: ignore[method-assign]
+    assert chosen(100) == {1, 0, 3, 4}  # float64 gradients: twice the bytes, over the room
+    assert chosen(200) == {5}
     by_leaf[1].append(_Factor(100.0))  # two factors on one leaf: summed, not kept
     region = _Factor(1000.0)
     region.index = torch.arange(50)  # type: ignore[assignment]
@@ -236,3 +242,31 @@ def test_direction_differentiable_through_kept_gradients() -> None:
     got, expected = grad(ours)(params), grad(oracle)(params)
     for name in params:
         assert torch.allclose(got[name], expected[name], rtol=1e-8, atol=1e-12), name
+
+
+def test_autocast_directions_keep_the_parameters_dtype() -> None:
+    """Under autocast the kept gradients are bfloat16: the direction is formed in the
+    weights' precision and returned in the parameters' dtype, close to the oracle at bfloat16's
+    precision; a bias (its gradients bfloat16 too, not kept) as well."""
+    torch.manual_seed(0)
+    p = {"w": 0.3 * torch.randn(8, 6), "b": 0.3 * torch.randn(8)}
+    x = torch.randn(3, 64, 6)
+
+    def fn(p, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.tanh(torch.nn.functional.linear(x.bfloat16(), p["w"], p["b"]))
+        return y.float().pow(2).mean((-1, -2))
+
+    options = _transform._options(fn, "test", 0, False, False)
+    _, run = _transform._linearise(fn, (p, x), (0,), 0, options)
+    run.gramian()
+    assert run.kept is not None and list(run.kept) == [1]  # the weight (leaves: b, w)
+    assert run.kept[1][0].g.dtype == torch.bfloat16
+    # bfloat16 rounding differs between a batch and its samples: no sample check
+    out, vjp_fn, _ = torchgram.vjp_and_gramian(fn, p, x, batch_dim=0, check_samples=False)
+    weights = torch.randn_like(out)
+    direction = vjp_fn(weights)
+    assert {k: v.dtype for k, v in direction.items()} == {"w": torch.float32, "b": torch.float32}
+    expected = weights @ jacobian_matrix(fn, p, x)
+    scale = float(expected.abs().max())
+    assert float((_flat(direction) - expected).abs().max()) < 2e-2 * scale

@@ -108,7 +108,8 @@ def weighted_gradients(
     kept = kept or {}
     grads: list[Tensor | None] = [None] * len(leaves)
     for leaf, blocks in kept.items():
-        grads[leaf] = _weighted_rows(blocks, weights.reshape(1, -1)).reshape(leaves[leaf].shape)
+        part = _weighted_rows(blocks, weights.reshape(1, -1)).reshape(leaves[leaf].shape)
+        grads[leaf] = part.to(torch.promote_types(part.dtype, leaves[leaf].dtype))
     for leaf, factor in contributions:
         if leaf in kept:
             continue
@@ -139,15 +140,17 @@ def _reused(
     ranked = []
     for leaf, factors in by_leaf.items():
         factor = factors[0]
-        reuse_gain = getattr(factor, "reuse_gain", None)  # a Reusable (isinstance takes 6 us)
-        if len(factors) != 1 or factor.index is not None or reuse_gain is None:
+        if len(factors) != 1 or factor.index is not None:
             continue
-        gain = reuse_gain()
+        if not hasattr(factor, "reuse_gain"):  # not a Reusable (isinstance takes 6 us)
+            continue
+        reusable: Reusable = factor  # type: ignore[assignment]
+        gain = reusable.reuse_gain()
         if gain >= _REUSE_GAIN:
-            ranked.append((gain, leaf))
+            size = rows * leaves[leaf].numel() * reusable.gradient_element_size()
+            ranked.append((-gain, leaf, size))
     chosen, room = set(), budget
-    for _, leaf in sorted(ranked, key=lambda pair: (-pair[0], pair[1])):
-        size = rows * leaves[leaf].numel() * leaves[leaf].element_size()
+    for _, leaf, size in sorted(ranked):  # the largest gain first, ties by position
         if size <= room:
             chosen.add(leaf)
             room -= size
@@ -155,8 +158,12 @@ def _reused(
 
 
 def _weighted_rows(blocks: list[Kept], weights: Tensor) -> Tensor:
-    """``weights [1, K*B]`` times kept gradient blocks, joined in the leaf's layout."""
-    parts = [b.rows((weights.to(b.g.dtype) @ b.g).view(-1)) for b in blocks]
+    """``weights [1, K*B]`` times kept gradient blocks, joined in the leaf's layout (in the
+    promoted dtype: under autocast the blocks may be in a lower precision than the weights)."""
+    parts = []
+    for b in blocks:
+        dtype = torch.promote_types(weights.dtype, b.g.dtype)
+        parts.append(b.rows((weights.to(dtype) @ b.g.to(dtype)).view(-1)))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

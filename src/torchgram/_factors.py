@@ -50,6 +50,8 @@ class Reusable(Protocol):
 
     def reuse_gain(self) -> float: ...
 
+    def gradient_element_size(self) -> int: ...
+
     def gramian_keeping(self, chunk_bytes: int, keep: list[Kept] | None) -> Tensor: ...
 
 
@@ -131,6 +133,11 @@ class Linear:
         K, _, T = self.D.shape[:3]
         return 0.0 if use_ghost(self.A.shape, self.D.shape) else T / K
 
+    def gradient_element_size(self) -> int:
+        """Bytes per element of the per-sample gradients it builds (the promoted dtype of
+        ``A`` and ``D``, which may differ from the leaf's under autocast)."""
+        return self.A.element_size()
+
     def gramian_keeping(self, chunk_bytes: int, keep: list[Kept] | None) -> Tensor:
         """The materialised Gramian, its per-sample gradient blocks appended to ``keep``."""
         return materialised_gramian(self.A, self.D, chunk_bytes, keep=keep)
@@ -159,7 +166,8 @@ class Dense:
         return self.g
 
     def weighted(self, weights: Tensor) -> Tensor:
-        return torch.tensordot(weights, self.g, dims=2)
+        dtype = torch.promote_types(weights.dtype, self.g.dtype)  # autocast: g may be lower
+        return torch.tensordot(weights.to(dtype), self.g.to(dtype), dims=2)
 
     def gramian(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         return dense_gramian(self.g)

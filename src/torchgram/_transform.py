@@ -128,7 +128,8 @@ def gramian_of(
         max_chunk_bytes: The largest intermediate, in bytes, that the per-op rules build at
             once (blocks of ``[B, T, B, T]`` ghost products, per-sample gradients, unfolded
             convolution patches); larger work is split into chunks. Bounds peak memory, not
-            the result. Default 24 MiB.
+            the result. ``vjp_and_gramian`` and ``jd_grad`` also keep up to this many bytes of
+            the per-sample gradients the Gramian built, for the direction. Default 24 MiB.
         group: A ``torch.distributed`` process group over which the samples along
             ``batch_dim`` are spread (each rank passes its own shard; shards may differ in
             size), or None for one process. The result is then the Gramian of the global batch

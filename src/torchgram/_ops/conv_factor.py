@@ -135,6 +135,11 @@ class Conv:
         T = N * math.prod(self.dy.shape[4:])
         return T / K if self.form() == "materialised" else 0.0
 
+    def gradient_element_size(self) -> int:
+        """Bytes per element of the per-sample gradients it builds (the promoted dtype of
+        ``x`` and ``dy``)."""
+        return self.x.element_size()
+
     def gramian_keeping(self, chunk_bytes: int, keep: list[Kept] | None) -> Tensor:
         """The materialised form: the sum of the blocks' Gramians, each block appended to
         ``keep`` (unless None) for the direction."""
