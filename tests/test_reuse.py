@@ -21,7 +21,7 @@ D = torch.float64
 class _Net(nn.Module):
     """A convolution with few input channels (the patch products), a grouped-kernel one, a
     5 x 5 depthwise one (the forward-correlation kernel), and a linear map over 16 tokens
-    (materialised), all over 8 x 8 = 64 positions: every kind of kept block."""
+    (materialised), all over 16 x 16 = 256 positions: every kind of kept block."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,7 +33,7 @@ class _Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.stem(x))
         h = torch.tanh(self.depthwise(torch.tanh(self.mix(h))))
-        return self.head(h.flatten(2).transpose(1, 2))  # [B, 64, 5]
+        return self.head(h.flatten(2).transpose(1, 2))  # [B, 256, 5]
 
 
 def _setting(rows: int = 1):
@@ -42,11 +42,11 @@ def _setting(rows: int = 1):
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def fn(params, x):
-        out = functional_call(model, params, (x,))  # [B, 64, 5]
+        out = functional_call(model, params, (x,))  # [B, 256, 5]
         losses = [out.pow(2).mean((1, 2)), out.sin().mean((1, 2))][:rows]
         return torch.stack(losses, dim=-1) if rows > 1 else losses[0]
 
-    return model, fn, params, torch.randn(3, 3, 8, 8, dtype=D)
+    return model, fn, params, torch.randn(3, 3, 16, 16, dtype=D)
 
 
 def _weighted_calls(monkeypatch) -> list[str]:
@@ -156,8 +156,8 @@ def test_the_budget_keeps_the_largest_savings_first() -> None:
 
 
 def test_gains_of_real_factors() -> None:
-    """``T / K``: 64 output positions or tokens per sample, halved by two rows per sample."""
-    for rows, gain in ((1, 64), (2, 32)):
+    """``T / K``: 256 output positions or tokens per sample, halved by two rows per sample."""
+    for rows, gain in ((1, 256), (2, 128)):
         _, fn, params, x = _setting(rows)
         options = _transform._options(fn, "test", 0, False, False)
         _, run = _transform._linearise(fn, (params, x), (0,), 0, options)
@@ -213,7 +213,7 @@ def test_jd_grad_under_vmap_over_an_ensemble() -> None:
     models = [_Net().double() for _ in range(2)]
     stacked, _ = stack_module_state(models)
     stacked = {k: v.detach() for k, v in stacked.items()}
-    x = torch.randn(3, 3, 8, 8, dtype=D)
+    x = torch.randn(3, 3, 16, 16, dtype=D)
     base = _Net().double()
 
     def fn(params, x):
@@ -250,7 +250,7 @@ def test_autocast_directions_keep_the_parameters_dtype() -> None:
     precision; a bias (its gradients bfloat16 too, not kept) as well."""
     torch.manual_seed(0)
     p = {"w": 0.3 * torch.randn(8, 6), "b": 0.3 * torch.randn(8)}
-    x = torch.randn(3, 64, 6)
+    x = torch.randn(3, 128, 6)
 
     def fn(p, x):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -126,9 +126,11 @@ def weighted_gradients(
 
 # Weighting kept gradients reads them once, memory-bound, where the direction's own product is
 # compute-bound: keeping pays where that product sums over at least this many tokens per row
-# (measured on CPU: the ViT's linear maps over 17 tokens took its JD step from 2.82x to 3.00x
-# an SGD step when kept; convolutions over 64 to 1024 positions gain, see the Rules page).
-_REUSE_GAIN = 32
+# (measured on CPU, JD step against SGD step, old and new interleaved in one process: the ViT's
+# linear maps over 17 tokens went from 2.82x to 3.00x when kept, the LSTM's over 32 from 4.43x
+# to 4.63x; the CNN's and MobileNetV3's convolutions over 64 to 1024 positions gained 13% and
+# 5%).
+_REUSE_GAIN = 64
 
 
 def _reused(
