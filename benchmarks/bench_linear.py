@@ -7,14 +7,16 @@ by side in one process, ``ghost_gramian`` (never builds a per-sample gradient) a
 ``materialised_gramian`` (per-sample gradients, then their Gramian), prints each form's rate
 (its multiply-adds by the cost model / its time) and marks the form that ``Linear.gramian``
 takes (``*``) and whether it was the faster. The last lines give the median rate of each form
-and their ratio: the weight ``torchgram._factors.MATERIALISED_WEIGHT`` gives the materialised
-form's multiply-adds.
+and their ratio, then for weights ``w`` of the materialised multiply-adds how often the slower
+form would be taken and the time lost: ``torchgram._factors.MATERIALISED_WEIGHT`` is the ``w``
+that loses the least.
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
+from typing import Any
 
 import torch
 from _timing import layer_options, median_time
@@ -33,10 +35,16 @@ TOKENS = (8, 17, 32, 64)
 MAPS = ((192, 768), (768, 192), (192, 576), (256, 256), (128, 512), (64, 64))
 
 
-def _row(B: int, T: int, d_in: int, d_out: int, repeats: int) -> tuple[str, float, float, bool]:
+WEIGHTS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
+
+
+def _row(
+    B: int, T: int, d_in: int, d_out: int, repeats: int, times: list[tuple[Any, ...]]
+) -> tuple[str, float, float, bool]:
     A, D = torch.randn(B, T, d_in), torch.randn(1, B, T, d_out)
     ghost = median_time(lambda: ghost_gramian(A, D), repeats)
     materialised = median_time(lambda: materialised_gramian(A, D), repeats)
+    times.append((A.shape, D.shape, ghost, materialised))
     ghost_rate = ghost_cost(A.shape, D.shape) / ghost / 1e9
     materialised_rate = materialised_cost(A.shape, D.shape) / materialised / 1e9
     chose_ghost = use_ghost(A.shape, D.shape)
@@ -57,9 +65,10 @@ def main() -> None:
           "| faster taken |")  # fmt: skip
     print("|---:|---:|---|---:|---:|---:|---:|---|")
     rates: list[tuple[float, float]] = []
+    times: list[tuple[Any, ...]] = []
     wrong = 0
     for B, T, (d_in, d_out) in itertools.product(BATCHES, TOKENS, MAPS):
-        line, ghost_rate, materialised_rate, right = _row(B, T, d_in, d_out, args.repeats)
+        line, ghost_rate, materialised_rate, right = _row(B, T, d_in, d_out, args.repeats, times)
         print(line, flush=True)
         if d_in * d_out >= 2**15:  # the rates of maps large enough to run at full speed
             rates.append((ghost_rate, materialised_rate))
@@ -73,6 +82,17 @@ def main() -> None:
           f"materialised {materialised_rate:.0f} GMAC/s, ratio {ratio:.2f} "
           f"(MATERIALISED_WEIGHT = {MATERIALISED_WEIGHT}). The slower form taken on {wrong} of "
           f"{shapes} shapes.")  # fmt: skip
+
+    print("\nWith the materialised multiply-adds counted w times (the time lost: the slower form's "
+          "minus the faster's, summed over the shapes where the slower is taken):")  # fmt: skip
+    for weight in WEIGHTS:
+        lost = [
+            abs(ghost - materialised)
+            for a, d, ghost, materialised in times
+            if use_ghost(a, d, materialised_weight=weight) != (ghost < materialised)
+        ]
+        total = sum(lost) * 1e3
+        print(f"  w = {weight:.1f}: the slower form on {len(lost)} shapes, {total:.2f} ms lost")
 
 
 if __name__ == "__main__":

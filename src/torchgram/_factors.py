@@ -228,12 +228,12 @@ def materialised_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
 
 
 # Measured on CPU (2 threads, ``python benchmarks/bench_linear.py``): the ghost form's products
-# run at a median 87 GMAC/s, the materialised form's (per-sample products that sum over the
-# tokens, then their Gramian) at 67, and at 56-59 over 17 tokens, where the two forms cost about
-# the same. A linear map's materialised multiply-adds count this many times a ghost one (the
-# slower form was taken on 2 of the script's 72 shapes, by up to 0.04 ms, against 4 by up to
-# 1.29x counting them alike).
-MATERIALISED_WEIGHT = 1.4
+# run at a median 117 GMAC/s, the materialised form's (per-sample products that sum over the
+# tokens, then their Gramian) at 70. A linear map's materialised multiply-adds count this many
+# times a ghost one: of the weights 1.0 to 2.0 it loses the least time over the script's 72
+# shapes (the slower form on 4 of them, small maps, 0.47 ms in all, against 6 and 1.87 ms
+# counting them alike, where the ViT's maps over 17 tokens took the slower form).
+MATERIALISED_WEIGHT = 1.6
 
 
 def use_ghost(
@@ -276,7 +276,14 @@ def ghost_gramian(
         S = A[i].reshape(-1, A.shape[-1]) @ A[j].reshape(-1, A.shape[-1]).T
         return S + 1 if ones else S
 
-    return ghost_from_similarity(similarity, D, chunk_bytes)
+    return ghost_from_similarity(similarity, D, chunk_bytes, block_products=_BLOCK_PRODUCTS)
+
+
+# Blocks of a linear map's ghost Gramian of about this many products ``[K, b, T, K, b, T]``
+# (256 KiB in float32) run 10-45% faster on CPU than one block for the whole batch, whatever
+# ``chunk_bytes`` allows: the products and their weighting by the similarities stay in cache,
+# and the mirrored blocks are not computed (``python benchmarks/bench_linear.py``, ghost column).
+_BLOCK_PRODUCTS = 2**16
 
 
 def ghost_from_similarity(
@@ -284,6 +291,7 @@ def ghost_from_similarity(
     D: Tensor,
     chunk_bytes: int,
     similarity_elements: int = 0,
+    block_products: int | None = None,
 ) -> Tensor:
     """``G[(k,i),(l,j)] = sum_ts S[i,t,j,s] <D[k,i,t], D[l,j,s]>``, by blocks of samples.
 
@@ -295,6 +303,8 @@ def ghost_from_similarity(
             what ``similarity`` builds for it.
         similarity_elements: How many elements ``similarity`` builds per pair of samples
             beyond ``S`` itself (the pixel form of a convolution: its pixel products).
+        block_products: At most this many products per block (at least one pair of samples),
+            or None: as many as ``chunk_bytes`` allows.
 
     Returns:
         ``[K*B, K*B]``.
@@ -309,6 +319,8 @@ def ghost_from_similarity(
         return D.reshape(K, -1).to(dtype) @ SD.reshape(K, -1).T
     per_pair = (2 * K * K * T * T + similarity_elements) * D.element_size()
     block = max(1, min(B, math.isqrt(max(chunk_bytes // per_pair, 1))))
+    if block_products is not None:
+        block = max(1, min(block, math.isqrt(block_products // (K * K * T * T))))
     if block >= B:
         return _ghost_block(similarity(whole, whole), D, D).reshape(K * B, K * B)
     starts = range(0, B, block)
