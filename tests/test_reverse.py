@@ -360,3 +360,15 @@ def test_batched_pull_back_matches_autograd_grad() -> None:
     (second,) = torch.autograd.grad(mine[0].sum(), w, retain_graph=True)  # create_graph's
     (expected,) = torch.autograd.grad(theirs[0].sum(), w)
     assert torch.allclose(second, expected, rtol=1e-12)
+
+
+def test_row_by_row_stacks_each_tap_and_keeps_none() -> None:
+    """Rows pulled one at a time come back stacked per tap, a tap the output does not depend
+    on stays None, and no rows give nothing."""
+    from torchgram._reverse import _row_by_row
+
+    rows = torch.arange(6.0).reshape(3, 2)
+    first, unused, second = _row_by_row(lambda row: (2 * row, None, row.sum()), rows)
+    assert torch.equal(first, 2 * rows) and unused is None
+    assert torch.equal(second, rows.sum(1))
+    assert _row_by_row(lambda row: (row,), rows[:0]) == ()

@@ -346,6 +346,8 @@ def _row_by_row(
     stacked, so that stacking holds one tap's rows twice, not every tap's (the 3 rows of
     ConvNeXt-atto's 3.7M gradients: 44 MB)."""
     each = [list(pull(row)) for row in rows]
+    if not each:  # no rows: nothing pulled
+        return ()
     stacked: list[Tensor | None] = []
     for tap in range(len(each[0])):
         parts = [values[tap] for values in each]
