@@ -12,6 +12,9 @@ whole leaf, or a view such as one chunk of a packed projection). For each leaf:
 
 A linear map's weight and bias, each a whole leaf used nowhere else, give one ghost Gramian for
 both (the bias as a column of ones in the activations) instead of one each.
+
+The direction (``weighted_gradients``) weights each leaf's factors, except where the Gramian
+kept the leaf's per-sample gradients for it (``_reused``): those are weighted directly.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -76,9 +79,8 @@ def gramian_of_factors(
         if leaf not in by_leaf:  # a bias, added with its weight
             continue
         if leaf in reused and keep is not None:
-            (factor,) = by_leaf.pop(leaf)
-            assert isinstance(factor, Reusable)
-            parts.append(factor.gramian_keeping(chunk_bytes, keep.setdefault(leaf, [])))
+            reusable = cast(Reusable, by_leaf.pop(leaf)[0])  # one factor (see _reused)
+            parts.append(reusable.gramian_keeping(chunk_bytes, keep.setdefault(leaf, [])))
             continue
         parts.append(_group_gramian(by_leaf.pop(leaf), by_leaf, leaves[leaf].shape, chunk_bytes))
     if not parts:
@@ -146,7 +148,7 @@ def _reused(
             continue
         if not hasattr(factor, "reuse_gain"):  # not a Reusable (isinstance takes 6 us)
             continue
-        reusable: Reusable = factor  # type: ignore[assignment]
+        reusable = cast(Reusable, factor)
         gain = reusable.reuse_gain()
         if gain >= _REUSE_GAIN:
             size = rows * leaves[leaf].numel() * reusable.gradient_element_size()
