@@ -9,7 +9,8 @@ by side in one process, ``ghost_gramian`` (never builds a per-sample gradient) a
 takes (``*``) and whether it was the faster. The last lines give the median rate of each form
 and their ratio, then for weights ``w`` of the materialised multiply-adds how often the slower
 form would be taken and the time lost: ``torchgram._factors.MATERIALISED_WEIGHT`` is the ``w``
-that loses the least.
+that loses the least. The last column and line: the ghost form in one block for the whole batch
+against its blocks of ``_BLOCK_PRODUCTS`` products, as a ratio of times.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from _timing import layer_options, median_time
 
+from torchgram import _factors as factors
 from torchgram._factors import (
     MATERIALISED_WEIGHT,
     ghost_cost,
@@ -44,7 +46,13 @@ def _row(
     A, D = torch.randn(B, T, d_in), torch.randn(1, B, T, d_out)
     ghost = median_time(lambda: ghost_gramian(A, D), repeats)
     materialised = median_time(lambda: materialised_gramian(A, D), repeats)
-    times.append((A.shape, D.shape, ghost, materialised))
+    blocks = factors._BLOCK_PRODUCTS
+    factors._BLOCK_PRODUCTS = 2**62  # the ghost form in one block for the whole batch
+    try:
+        one_block = median_time(lambda: ghost_gramian(A, D), repeats)
+    finally:
+        factors._BLOCK_PRODUCTS = blocks
+    times.append((A.shape, D.shape, ghost, materialised, one_block))
     ghost_rate = ghost_cost(A.shape, D.shape) / ghost / 1e9
     materialised_rate = materialised_cost(A.shape, D.shape) / materialised / 1e9
     chose_ghost = use_ghost(A.shape, D.shape)
@@ -54,7 +62,7 @@ def _row(
     line = (
         f"| {B} | {T} | {d_in} -> {d_out} | {ghost * 1e3:.2f}{marks[0]} | "
         f"{materialised * 1e3:.2f}{marks[1]} | {ghost_rate:.0f} | {materialised_rate:.0f} | "
-        f"{verdict} |"
+        f"{verdict} | {one_block / ghost:.2f}x |"
     )
     return line, ghost_rate, materialised_rate, right
 
@@ -62,8 +70,8 @@ def _row(
 def main() -> None:
     args = layer_options(__doc__, repeats=10)
     print("| B | T | map | ghost (ms) | materialised (ms) | ghost GMAC/s | materialised GMAC/s "
-          "| faster taken |")  # fmt: skip
-    print("|---:|---:|---|---:|---:|---:|---:|---|")
+          "| faster taken | ghost in one block |")  # fmt: skip
+    print("|---:|---:|---|---:|---:|---:|---:|---|---:|")
     rates: list[tuple[float, float]] = []
     times: list[tuple[Any, ...]] = []
     wrong = 0
@@ -88,11 +96,17 @@ def main() -> None:
     for weight in WEIGHTS:
         lost = [
             abs(ghost - materialised)
-            for a, d, ghost, materialised in times
+            for a, d, ghost, materialised, _ in times
             if use_ghost(a, d, materialised_weight=weight) != (ghost < materialised)
         ]
         total = sum(lost) * 1e3
         print(f"  w = {weight:.1f}: the slower form on {len(lost)} shapes, {total:.2f} ms lost")
+
+    ratios = sorted(one_block / ghost for *_, ghost, _, one_block in times)
+    print(f"\nThe ghost form in one block for the whole batch against blocks of "
+          f"{factors._BLOCK_PRODUCTS} products: median {statistics.median(ratios):.2f}x the time, "
+          f"quartiles {ratios[len(ratios) // 4]:.2f}x-{ratios[3 * len(ratios) // 4]:.2f}x, "
+          f"range {ratios[0]:.2f}x-{ratios[-1]:.2f}x.")  # fmt: skip
 
 
 if __name__ == "__main__":

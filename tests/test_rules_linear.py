@@ -226,3 +226,25 @@ def test_ghost_blocks_capped_by_products(monkeypatch, cap, blocks) -> None:
     G = ghost_gramian(A, D, chunk_bytes=2**30)
     assert len(computed) == blocks  # b samples a block: (8 / b) (8 / b + 1) / 2 blocks
     assert torch.allclose(G, materialised_gramian(A, D), rtol=1e-12, atol=1e-12)
+
+
+def test_ghost_blocks_of_even_sizes(monkeypatch) -> None:
+    """A cap allowing 7 of 8 samples a block gives two blocks of 4, not 7 and 1 (a block of
+    one sample ran the whole Gramian about 1.2x slower for 16 samples of 17 tokens)."""
+    from torchgram import _factors
+
+    torch.manual_seed(0)
+    A = torch.randn(8, 4, 3, dtype=torch.float64)
+    D = torch.randn(2, 8, 4, 5, dtype=torch.float64)
+    sizes = []
+    original = _factors._ghost_block
+
+    def spy(similarity, D_i, D_j):
+        sizes.append((D_i.shape[1], D_j.shape[1]))
+        return original(similarity, D_i, D_j)
+
+    monkeypatch.setattr(_factors, "_BLOCK_PRODUCTS", 4 * 16 * 7 * 7)  # 7 samples a block
+    monkeypatch.setattr(_factors, "_ghost_block", spy)
+    G = ghost_gramian(A, D, chunk_bytes=2**30)
+    assert sizes == [(4, 4), (4, 4), (4, 4)]
+    assert torch.allclose(G, materialised_gramian(A, D), rtol=1e-12, atol=1e-12)

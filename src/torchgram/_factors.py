@@ -228,11 +228,11 @@ def materialised_cost(a_shape: torch.Size, d_shape: torch.Size) -> int:
 
 
 # Measured on CPU (2 threads, ``python benchmarks/bench_linear.py``): the ghost form's products
-# run at a median 117 GMAC/s, the materialised form's (per-sample products that sum over the
-# tokens, then their Gramian) at 70. A linear map's materialised multiply-adds count this many
+# run at a median 130 GMAC/s, the materialised form's (per-sample products that sum over the
+# tokens, then their Gramian) at 76. A linear map's materialised multiply-adds count this many
 # times a ghost one: of the weights 1.0 to 2.0 it loses the least time over the script's 72
-# shapes (the slower form on 4 of them, small maps, 0.47 ms in all, against 6 and 1.87 ms
-# counting them alike, where the ViT's maps over 17 tokens took the slower form).
+# shapes (the slower form on 2 of them, 0.05 ms in all, against 8 and 6.8 ms counting them
+# alike, where the ViT's maps over 17 tokens took the slower form).
 MATERIALISED_WEIGHT = 1.6
 
 
@@ -280,9 +280,11 @@ def ghost_gramian(
 
 
 # Blocks of a linear map's ghost Gramian of about this many products ``[K, b, T, K, b, T]``
-# (256 KiB in float32) run 10-45% faster on CPU than one block for the whole batch, whatever
-# ``chunk_bytes`` allows: the products and their weighting by the similarities stay in cache,
-# and the mirrored blocks are not computed (``python benchmarks/bench_linear.py``, ghost column).
+# (256 KiB in float32), of even sizes, run faster on CPU than one block for the whole batch,
+# whatever ``chunk_bytes`` allows: the products stay in cache, and the mirrored blocks are not
+# computed. One block took a median 1.21x the time over ``benchmarks/bench_linear.py``'s 72
+# shapes (quartiles 1.08x-1.31x); only 64 -> 64 maps, which take the materialised form, ran
+# faster in one.
 _BLOCK_PRODUCTS = 2**16
 
 
@@ -321,6 +323,7 @@ def ghost_from_similarity(
     block = max(1, min(B, math.isqrt(max(chunk_bytes // per_pair, 1))))
     if block_products is not None:
         block = max(1, min(block, math.isqrt(block_products // (K * K * T * T))))
+        block = -(-B // -(-B // block))  # as many blocks, of even sizes (not 15 and 1)
     if block >= B:
         return _ghost_block(similarity(whole, whole), D, D).reshape(K * B, K * B)
     starts = range(0, B, block)
